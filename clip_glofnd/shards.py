@@ -371,8 +371,8 @@ def make_digits(out_dir: str | Path, seed: int = 0) -> dict:
                                       source_index=src))
         keys.append(f"{gid:09d}")
     cls_dir, ret_dir = out_dir / "wds" / "digits_cls", out_dir / "wds" / "digits_ret"
-    write_clip_benchmark_dir(cls_dir, "classification", heldout, keys, shard_size=150)
-    write_clip_benchmark_dir(ret_dir, "retrieval", heldout, keys, shard_size=150)
+    write_clip_benchmark_dir(cls_dir, "classification", heldout, keys, shard_size=75)
+    write_clip_benchmark_dir(ret_dir, "retrieval", heldout, keys, shard_size=75)
     summary = {"train": brace_pattern(out_dir / "train", writer.counts), "sizes_json": str(sizes),
                "num_samples": len(train_idx), "train_shards": len(writer.counts), "heldout": len(heldout_idx),
                "zeroshot": [str(cls_dir)], "retrieval": [str(ret_dir)], "classnames": list(DIGIT_WORDS),
