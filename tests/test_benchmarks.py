@@ -1,0 +1,106 @@
+"""The benchmarks run in their --quick form and write JSON with the documented structure and sane values."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory, overhead  # noqa: E402
+
+FLOAT32, INT32, INT64 = 4, 4, 8                         # bytes per element, by definition of the dtypes
+GLOFND_ROW = 3 * FLOAT32 + INT32                        # λ, m, v float32 + steps int32, one anchor modality
+U_ROW = 2 * FLOAT32                                     # u_img, u_txt float32 (SogCLR / FastCLIP)
+MACHINE_KEYS = {"cpu_count", "torch_threads", "torch_version", "device", "device_name", "loadavg_1min_start",
+                "loadavg_1min_end", "under_load"}
+
+
+@pytest.fixture(scope="module")
+def overhead_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "overhead.json"
+    assert overhead.main(["--quick", "--max-num-samples", "5000", "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_overhead_quick_structure(overhead_result: dict) -> None:
+    r = overhead_result
+    assert r["benchmark"] == "overhead" and MACHINE_KEYS <= set(r["machine"])
+    assert shlex.split(r["command"])[:3] == ["python", "-m", "benchmarks.overhead"] and "--quick" in r["command"]
+    assert [(row["batch"], row["candidates"]) for row in r["steps"]] == [(8, 8), (8, 32)]   # M = B and M = 32
+
+
+def test_overhead_quick_times_and_ratios(overhead_result: dict) -> None:
+    for row in overhead_result["steps"]:
+        times = {k: v for k, v in row.items() if k.endswith("_s") and k != "diff_s"}
+        assert len(times) >= 14 and all(0 < t < 60 for t in times.values()), times
+        assert row["step_plain_s"] > row["update_mask_s"]          # a training step costs more than the filter
+        assert row["update_mask_pct"] == pytest.approx(100 * row["update_mask_s"] / row["step_plain_s"])
+        assert row["diff_s"] == pytest.approx(row["step_glofnd_s"] - row["step_plain_s"])
+        assert row["update_vs_read"] == pytest.approx(row["update_one_s"] / row["read_s"])
+
+
+def test_overhead_quick_num_samples_sweep_and_targets(overhead_result: dict) -> None:
+    sweep, targets = overhead_result["num_samples_sweep"], overhead_result["targets"]
+    assert [p["num_samples"] for p in sweep["points"]] == [1000]
+    assert sweep["points"][0]["state_bytes"] == 2 * GLOFND_ROW * 1000
+    assert [s["num_samples"] for s in sweep["skipped"]] == [10_000]          # above --max-num-samples 5000
+    assert "max-num-samples" in sweep["skipped"][0]["reason"]
+    assert targets["update_mask_pct_met"] == (targets["update_mask_pct_max"] < 1.0)
+    assert targets["update_vs_read_met"] == (targets["update_vs_read"] <= 2.0)
+    assert targets["read_at"] == [8, 32]                                     # the largest b·M
+
+
+def test_overhead_rejects_fewer_candidates_than_batch() -> None:
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--batch-sizes", "64", "--candidates", "32"])
+
+
+def test_memory_quick_matches_dtype_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    assert memory.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    state = r["state"]
+    assert r["benchmark"] == "memory" and MACHINE_KEYS <= set(r["machine"])
+    assert state["glofnd_one_modality"]["bytes_per_sample"] == GLOFND_ROW == 16
+    assert state["glofnd_one_modality"]["per_key"] == {"lam": 4, "m": 4, "v": 4, "steps": 4}
+    expected_loss = {"clip": 0, "sogclr": U_ROW, "fastclip": U_ROW}
+    assert {k: v["bytes_per_sample"] for k, v in state["loss"].items()} == expected_loss
+    assert state["loss"]["fastclip"]["constant_bytes"] == FLOAT32              # the global τ, independent of n
+    cc3m = next(row for row in r["datasets"] if row["dataset"] == "CC3M")
+    assert cc3m["num_samples"] == 3_318_333
+    assert cc3m["sogclr_bytes"] == (2 * GLOFND_ROW + U_ROW) * 3_318_333
+    for row in r["sync"]:                                                     # ids int64 + both GloFND + u rows
+        assert row["row_bytes"] == INT64 + 2 * GLOFND_ROW + expected_loss[row["loss"]]
+        assert row["send_bytes"] == row["batch"] * row["row_bytes"]
+        assert row["recv_bytes_w2"] == 2 * row["send_bytes"]
+
+
+@pytest.mark.parametrize("module", [overhead, memory], ids=["overhead", "memory"])
+def test_readme_commands_parse(module) -> None:
+    """Every `python -m benchmarks.<name> ...` line in benchmarks/README.md is accepted by that module's parser."""
+    name = module.__name__.split(".")[-1]
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    commands = re.findall(rf"^python -m benchmarks\.{name}\b([^\n#]*)", readme, flags=re.M)
+    assert commands, f"benchmarks/README.md shows no `python -m benchmarks.{name}` command"
+    for args in commands:
+        module.parse_args(shlex.split(args))
+
+
+def test_readme_links_existing_results() -> None:
+    """Every results/*.json the README links exists, names its benchmark, and records a command the module parses."""
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    linked = sorted(set(re.findall(r"\(results/([\w.-]+\.json)\)", readme)))
+    assert linked, "benchmarks/README.md links no results file"
+    for name in linked:
+        result = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        module = {"overhead": overhead, "memory": memory}[result["benchmark"]]
+        args = shlex.split(result["command"])
+        assert args[:3] == ["python", "-m", f"benchmarks.{result['benchmark']}"], name
+        module.parse_args(args[3:])
