@@ -1,0 +1,493 @@
+"""The training loop of `clip-glofnd train`: OpenCLIP's trainer plus per-sample state that survives restarts.
+
+Per step (`train_step`, the one place where model, filter, loss and collectives meet): features -> gather over
+ranks -> detached similarities [b, B] -> GloFND for image anchors and for text anchors (update λ, then mask with the
+updated λ, as the authors' code does) -> loss -> backward -> optimizer step -> sync the per-sample rows. The
+per-sample state (λ, Adam moments for both modalities, the loss's u) lives outside the DDP model and is identical on
+every rank; rank 0 logs, writes checkpoints and evaluates while the others wait at a barrier.
+
+Resume is exact at epoch boundaries: checkpoints are written at the end of an epoch, with the RNG states, and each
+epoch's data order is a function of (seed, epoch), so 2 epochs straight and 1 epoch + resume + 1 epoch give the same
+weights, λ and u on a deterministic (CPU) run. A run stopped mid-epoch restarts that epoch from the last checkpoint.
+The state is full on every rank, so a checkpoint resumes under another world size too; the lr schedule then follows
+(epoch, batch) of the new run.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from clip_glofnd import checkpoint, distributed, losses
+from clip_glofnd.config import TrainConfig, dump, to_flat
+from clip_glofnd.data import Batch, make_train_loader, resolve_num_samples
+from clip_glofnd.distributed import DistInfo, is_main
+from clip_glofnd.errors import UsageError
+from clip_glofnd.glofnd import GloFND
+from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+
+logger = logging.getLogger(__name__)
+
+_LOGIT_SCALE_MAX = math.log(100)               # OpenCLIP clamps logit_scale to [0, ln 100] after each step
+
+
+@dataclass
+class Parts:
+    """Everything a step touches. `model` is DDP-wrapped when world_size > 1; the rest is not."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    model: nn.Module
+    loss_fn: nn.Module
+    fnd_img: GloFND                            # thresholds of image anchors (vs all texts)
+    fnd_txt: GloFND                            # thresholds of text anchors (vs all images)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The open_clip model without its DDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for --precision amp / amp_bf16, nothing for fp32."""
+        dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
+        if self.cfg.model.precision not in dtypes:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=dtypes[self.cfg.model.precision])
+
+
+@dataclass
+class Progress:
+    """Where the run stands: epochs completed, optimizer steps taken, samples seen (all ranks)."""
+
+    epoch: int = 0
+    step: int = 0
+    samples_seen: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------- build
+def loss_options(cfg: TrainConfig) -> dict[str, Any]:
+    """create_loss keyword arguments from --loss-*; unset --loss-tau keeps each loss's own default."""
+    options: dict[str, Any] = {"gamma_min": cfg.loss.gamma_min, "gamma_decay_epochs": cfg.loss.gamma_decay_epochs,
+                               "rho": cfg.loss.rho}
+    if cfg.loss.tau is not None:
+        options.update(tau=cfg.loss.tau, tau_init=cfg.loss.tau)
+    return options
+
+
+def make_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW as OpenCLIP: no weight decay on gains, biases and logit_scale; FastCLIP's τ in its own group (--lr-tau).
+
+    Each group carries "base_lr", which the schedule scales.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    excluded = {id(p) for p in exclude}
+    groups = [{"params": exclude, "weight_decay": 0.0, "base_lr": cfg.optim.lr},
+              {"params": [p for _, p in named if id(p) not in excluded], "weight_decay": cfg.optim.wd,
+               "base_lr": cfg.optim.lr},
+              {"params": [p for p in loss_fn.parameters() if p.requires_grad], "weight_decay": 0.0,
+               "base_lr": cfg.loss.lr_tau}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UsageError("nothing to train: every parameter is frozen (--lock-image and --lock-text)")
+    optim = cfg.optim
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+def build_parts(cfg: TrainConfig, dist: DistInfo, model: nn.Module, num_samples: int) -> Parts:
+    """Loss, both GloFND states, DDP wrapper, optimizer and scaler around a created model."""
+    model = model.to(dist.device)
+    loss_fn = losses.create_loss(cfg.loss.name, num_samples, **loss_options(cfg)).to(dist.device)
+    if cfg.loss.name != "clip":
+        model.logit_scale.requires_grad_(False)              # SogCLR / FastCLIP own τ
+        mirror_temperature(model, loss_fn)
+    fnd = cfg.fnd
+    fnd_kwargs = dict(alpha=fnd.alpha, lr=fnd.lr, start_epoch=fnd.start_epoch, mask_start_epoch=fnd.mask_start_epoch,
+                      mode=fnd.variant, bias_correction=fnd.bias_correction, device=dist.device)
+    fnd_img, fnd_txt = GloFND(num_samples, **fnd_kwargs), GloFND(num_samples, **fnd_kwargs)
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = make_optimizer(model, loss_fn, cfg)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.model.precision == "amp")
+    return Parts(cfg, dist, model, loss_fn, fnd_img, fnd_txt, optimizer, scaler)
+
+
+@torch.no_grad()
+def mirror_temperature(model: nn.Module, loss_fn: nn.Module) -> None:
+    """SogCLR / FastCLIP own τ: copy log(1/τ) into the model's frozen logit_scale, so the open_clip checkpoint
+    carries the temperature the model was trained with."""
+    if isinstance(loss_fn, losses.FastCLIPLoss):
+        model.logit_scale.copy_(loss_fn.log_inv_tau)
+    elif isinstance(loss_fn, losses.SogCLRLoss):
+        model.logit_scale.fill_(-math.log(loss_fn.tau))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """OpenCLIP's cosine schedule as a factor of the base lr: linear warmup (step+1)/warmup, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Every group's lr = its base_lr × factor; returns the first group's lr (the model's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ---------------------------------------------------------------------------------------------------------- step
+@torch.no_grad()
+def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, batch: Batch,
+                     labels_all: Tensor | None, epoch: int) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
+    """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered, its
+    share of same-class pairs when the shards carry labels, λ quantiles of the batch's anchors.
+
+    λ is updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
+    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`).
+    """
+    if parts.cfg.fnd.variant == "none":
+        return None, None, {}
+    if parts.cfg.fnd.variant == "oracle" and batch.labels is None:
+        raise UsageError("--fnd oracle needs class labels: the shards have no `cls` member")
+    b, B = img.shape[0], img_all.shape[0]
+    neg = ~losses.positive_mask(b, B, parts.dist.rank * b, img.device)               # [b, B] off the positive column
+    sims = {"img": img.detach().float() @ txt_all.detach().float().T,               # [b, B] image anchors vs texts
+            "txt": txt.detach().float() @ img_all.detach().float().T}               # [b, B] text anchors vs images
+    keeps, stats = {}, {}
+    for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
+        fnd.update(sims[name], batch.ids, epoch, neg_mask=neg)
+        keeps[name] = fnd.keep_mask(sims[name], batch.ids, epoch, neg_mask=neg, labels=batch.labels,
+                                    candidate_labels=labels_all)                     # [b, B] True = stays
+        is_fn = ~keeps[name] & neg                                                     # [b, B] filtered out
+        stats[f"filtered_{name}"] = is_fn.sum() / neg.sum().clamp_min(1)
+        if batch.labels is not None:                                                   # share of same-class ones
+            same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0)   # [b, B]
+            stats[f"fn_precision_{name}"] = (is_fn & same).sum() / is_fn.sum().clamp_min(1)
+        if parts.cfg.fnd.variant == "glofnd":
+            lam = fnd.threshold[batch.ids.to(fnd.threshold.device)]                  # [b] this batch's anchors
+            quantiles = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], device=lam.device))
+            stats.update({f"lam_{name}_p{p}": q for p, q in zip((10, 50, 90), quantiles)})
+    return keeps["img"], keeps["txt"], stats
+
+
+def _encode(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """(image features [b, d], text features [b, d], exp(logit_scale)) from the open_clip model's forward."""
+    out = model(batch.images, batch.texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def _micro_batches(batch: Batch, accum: int) -> list[Batch]:
+    """The batch split into `accum` consecutive micro-batches (fewer when the batch is smaller)."""
+    if accum == 1:
+        return [batch]
+    parts = [t.tensor_split(accum) if t is not None else [None] * accum
+             for t in (batch.images, batch.texts, batch.ids, batch.labels)]
+    return [Batch(*chunk) for chunk in zip(*parts) if len(chunk[2])]
+
+
+@torch.no_grad()
+def _cached_features(parts: Parts, micro: list[Batch]) -> tuple[list[Tensor], list[Tensor]] | None:
+    """Features of every micro-batch without gradient (only with accumulation)."""
+    if len(micro) == 1:
+        return None
+    with parts.autocast():
+        features = [_encode(parts.model, chunk)[:2] for chunk in micro]
+    return [f[0] for f in features], [f[1] for f in features]
+
+
+def _splice(cached: tuple[list[Tensor], list[Tensor]] | None, j: int, img_j: Tensor, txt_j: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """The local batch's features [b, d] with micro-batch j's fresh (differentiable) rows in place."""
+    if cached is None:
+        return img_j, txt_j
+    imgs, txts = list(cached[0]), list(cached[1])
+    imgs[j], txts[j] = img_j, txt_j
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
+    """One optimizer step on one batch; returns floats for logging (loss, temperature, filtered fractions, λ).
+
+    With --accum-freq A > 1 (CLIP loss only; config refuses the others, whose u would be updated A times) features of
+    all micro-batches are computed without gradient first; then each micro-batch is recomputed with gradient and the
+    loss of the whole batch is backpropagated through its slice only (OpenCLIP's scheme, gradient equal to the
+    unsplit batch's). λ is updated and masks built once per step, on the whole batch; logit_scale gets its gradient
+    from the last pass only.
+    """
+    cfg, dist = parts.cfg, parts.dist
+    batch = batch.to(dist.device, non_blocking=True)
+    b = len(batch)
+    ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                         # [B]
+    labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
+    micro = _micro_batches(batch, cfg.optim.accum_freq)
+    parts.optimizer.zero_grad(set_to_none=True)
+    cached = _cached_features(parts, micro)
+    for j, chunk in enumerate(micro):
+        last = j == len(micro) - 1
+        no_sync = parts.model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
+        with no_sync:
+            # forward
+            with parts.autocast():
+                img_j, txt_j, logit_scale = _encode(parts.model, chunk)                  # [b_j, d], [b_j, d], []
+            img, txt = _splice(cached, j, img_j, txt_j)                                 # [b, d] grad via slice j
+            img_all, txt_all = distributed.all_gather_with_grad([img, txt], dist)       # [B, d]
+            # false-negative filter (detached; once per step)
+            if j == 0:
+                keep_i2t, keep_t2i, fnd_stats = filter_negatives(parts, img, txt, img_all, txt_all, batch,
+                                                                 labels_all, epoch)
+            # loss
+            loss, loss_metrics = parts.loss_fn(
+                img, txt, img_all, txt_all, ids=batch.ids, ids_all=ids_all, epoch=epoch, keep_i2t=keep_i2t,
+                keep_t2i=keep_t2i, offset=dist.rank * b, logit_scale=logit_scale if last else logit_scale.detach())
+            # backward
+            parts.scaler.scale(loss).backward()
+    _optimizer_step(parts)
+    # per-sample state: each rank wrote the rows of its own anchors; make every rank hold all of them
+    distributed.sync_rows([parts.fnd_img, parts.fnd_txt, parts.loss_fn], batch.ids, dist)
+    values = torch.stack([loss.detach().float(), *[v.float() for v in fnd_stats.values()]]).tolist()
+    return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:]))}
+
+
+def _optimizer_step(parts: Parts) -> None:
+    """Average the loss's own gradients (FastCLIP's τ, outside DDP), clip, step, then project τ / logit_scale."""
+    loss_params = [p for p in parts.loss_fn.parameters() if p.requires_grad]
+    distributed.average_gradients(loss_params, parts.dist)
+    if parts.cfg.optim.grad_clip_norm is not None:
+        parts.scaler.unscale_(parts.optimizer)
+        params = [p for group in parts.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, parts.cfg.optim.grad_clip_norm)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    with torch.no_grad():
+        if hasattr(parts.loss_fn, "clamp_tau_"):
+            parts.loss_fn.clamp_tau_()
+            mirror_temperature(parts.unwrapped, parts.loss_fn)
+        if parts.cfg.loss.name == "clip":
+            parts.unwrapped.logit_scale.clamp_(0, _LOGIT_SCALE_MAX)
+
+
+# --------------------------------------------------------------------------------------------------------- epoch
+def run_epoch(parts: Parts, loader: Any, state: Progress, log: RunLogger, total_steps: int) -> dict[str, float]:
+    """Train one epoch; per-step JSONL records; returns epoch means of loss, filtered fractions, filter precision."""
+    cfg, dist = parts.cfg, parts.dist
+    parts.model.train()
+    means = _RunningMeans()
+    bar = progress(loader, total=loader.num_batches, enabled=is_main(dist), desc=f"epoch {state.epoch + 1}")
+    tick = time.perf_counter()
+    for i, batch in enumerate(bar):
+        # schedule position from (epoch, batch), not the step counter: right after a resume on another world size
+        lr = set_lr(parts.optimizer, lr_factor(state.epoch * loader.num_batches + i, cfg.optim.warmup, total_steps))
+        start = time.perf_counter()
+        metrics = train_step(batch, parts, epoch=state.epoch)
+        now = time.perf_counter()
+        state.step += 1
+        state.samples_seen += len(batch) * dist.world_size
+        means.add(metrics)
+        speed = len(batch) * dist.world_size / max(now - tick, 1e-9)
+        if state.step % cfg.run.log_every_n_steps == 0:
+            log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **metrics, "samples_seen": state.samples_seen,
+                     "step_time": now - start, "data_time": start - tick, "samples_per_s": speed})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{speed:.0f}", refresh=False)
+        tick = now
+    return means.result()
+
+
+class _RunningMeans:
+    """Epoch means of the summary metrics; the filter's precision only over steps that filtered something."""
+
+    KEYS = ("loss", "filtered_img", "filtered_txt", "fn_precision_img", "fn_precision_txt")
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key in self.KEYS:
+            if key not in metrics or (key.startswith("fn_precision") and not metrics[f"filtered{key[12:]}"]):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+
+def end_of_epoch(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, means: dict[str, float],
+                 seconds: float) -> None:
+    """Rank 0: epoch record (means, time, λ quantiles over samples seen at least once) and the λ histogram PNG."""
+    if not is_main(parts.dist):
+        return
+    record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "epoch_time": seconds,
+                              **{f"epoch_{k}": v for k, v in means.items()}}
+    if parts.cfg.fnd.variant == "glofnd":
+        for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
+            seen = fnd.steps > 0                                                       # [n] updated at least once
+            record.update(lambda_quantiles(fnd.threshold, seen, f"lam_{name}_seen"))
+            record[f"seen_{name}"] = int(seen.sum())
+        plot_lambda(run_dir / f"lambda_epoch_{state.epoch}.png", parts.fnd_img.threshold, parts.fnd_img.steps > 0,
+                    parts.fnd_txt.threshold, parts.fnd_txt.steps > 0, title=f"{run_dir.name}: λ after epoch "
+                                                                            f"{state.epoch}")
+    log.log(record)
+
+
+def save_checkpoints(parts: Parts, state: Progress, run_dir: Path) -> None:
+    """Rank 0 writes epoch_latest.pt (always) and epoch_N.pt (every --save-frequency epochs and the last)."""
+    cfg = parts.cfg
+    if is_main(parts.dist):
+        ckpt = checkpoint.make_state(
+            model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=parts.fnd_img,
+            fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=state.epoch, step=state.step, name=cfg.run.name,
+            config=to_flat(cfg), data={"epoch": state.epoch, "batch": 0, "samples_seen": state.samples_seen})
+        folder = checkpoint.checkpoint_dir(run_dir)
+        every = cfg.run.save_frequency
+        if every and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
+            checkpoint.save_atomic(ckpt, folder / f"epoch_{state.epoch}.pt")
+        checkpoint.save_atomic(ckpt, folder / checkpoint.LATEST)
+    distributed.barrier(parts.dist)
+
+
+def maybe_evaluate(parts: Parts, state: Progress, log: RunLogger, preprocess: Any, tokenizer: Any) -> dict[str, float]:
+    """Zero-shot / retrieval on rank 0 every --eval-every epochs and after the last (RNG untouched); others wait."""
+    cfg, dist = parts.cfg, parts.dist
+    due = state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs
+    if not (cfg.run.zeroshot_data or cfg.run.retrieval_data) or not due:
+        return {}
+    metrics: dict[str, float] = {}
+    if is_main(dist):
+        from clip_glofnd.evaluate import evaluate
+        cuda = [dist.device.index or 0] if dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):                                # training RNG stream unchanged
+            metrics = evaluate(parts.unwrapped, preprocess, tokenizer, zeroshot_data=cfg.run.zeroshot_data,
+                               retrieval_data=cfg.run.retrieval_data, device=str(dist.device),
+                               precision=cfg.model.precision, workers=cfg.data.workers)
+        log.log({"step": state.step, "epoch": state.epoch, **metrics})
+    distributed.barrier(dist)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def prepare_run(cfg: TrainConfig, dist: DistInfo) -> tuple[TrainConfig, Path]:
+    """Resolve --name (same on all ranks), refuse to overwrite a finished run, write config.yaml (rank 0)."""
+    name = cfg.run.name or distributed.broadcast_object(
+        f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{Path(cfg.model.model).stem}-{cfg.loss.name}-{cfg.fnd.variant}", dist)
+    cfg = replace(cfg, run=replace(cfg.run, name=name))
+    run_dir = Path(cfg.run.logs) / name
+    if cfg.run.resume is None and any(checkpoint.checkpoint_dir(run_dir).glob("*.pt")):
+        raise UsageError(f"run folder {run_dir} already has checkpoints; pass --resume latest to continue it or "
+                         f"another --name")
+    if is_main(dist):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump(cfg))
+    return cfg, run_dir
+
+
+def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> Progress:
+    """Progress(0, 0, 0), or everything restored from --resume (latest: this run's epoch_latest.pt, if any)."""
+    path = checkpoint.resolve_resume(cfg.run.resume, run_dir)
+    if path is None:
+        return Progress()
+    ckpt = checkpoint.load(path)
+    checkpoint.check_compatible(ckpt, path, num_samples)
+    checkpoint.restore(ckpt, path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
+                       fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
+    logger.info("resumed %s: %d epochs, %d steps done", path, ckpt["epoch"], ckpt["step"])
+    return Progress(ckpt["epoch"], ckpt["step"], int(ckpt.get("data", {}).get("samples_seen", 0)))
+
+
+def make_loader(cfg: TrainConfig, dist: DistInfo, preprocess: Any, tokenizer: Any, num_samples: int, epoch: int
+                ) -> Any:
+    """This rank's loader for one epoch (shuffle seeded by (seed, epoch))."""
+    data = cfg.data
+    return make_train_loader(data.train_data, preprocess=preprocess, tokenizer=tokenizer,
+                             batch_size=cfg.optim.batch_size, num_samples=num_samples, epoch=epoch,
+                             seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size, workers=data.workers,
+                             caption_key=data.caption_key, skip_bad_samples=data.skip_bad_samples,
+                             resampled=data.dataset_resampled, train_num_samples=data.train_num_samples)
+
+
+def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
+    """Train (or continue) a run; returns a summary: run_dir, epochs, steps, seconds, last epoch means, eval."""
+    from clip_glofnd.model import create_model
+    began = time.perf_counter()
+    seed_everything(cfg.run.seed)
+    cfg, run_dir = prepare_run(cfg, dist)
+    model, preprocess, preprocess_val, tokenizer = create_model(
+        cfg.model.model, cfg.model.pretrained, device=str(dist.device), precision=cfg.model.precision,
+        lock_image=cfg.model.lock_image, lock_text=cfg.model.lock_text)
+    num_samples = resolve_num_samples(cfg.data.train_data, cfg.data.num_samples)
+    parts = build_parts(cfg, dist, model, num_samples)
+    state = resume(cfg, parts, run_dir, num_samples)
+    log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard)
+    means: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    for epoch in range(state.epoch, cfg.optim.epochs):
+        tick = time.perf_counter()
+        loader = make_loader(cfg, dist, preprocess, tokenizer, num_samples, epoch)
+        means = run_epoch(parts, loader, state, log, total_steps=loader.num_batches * cfg.optim.epochs)
+        state.epoch += 1
+        end_of_epoch(parts, state, run_dir, log, means, time.perf_counter() - tick)
+        save_checkpoints(parts, state, run_dir)
+        metrics = maybe_evaluate(parts, state, log, preprocess_val, tokenizer) or metrics
+    log.close()
+    return {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "samples_seen": state.samples_seen,
+            "seconds": time.perf_counter() - began, **means, **metrics}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the same on every rank: DDP starts from rank 0's weights anyway)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(dist: DistInfo) -> None:
+    """Our INFO messages on rank 0, warnings only elsewhere and from libraries (open_clip logs at INFO on the root
+    logger); a no-op for handlers when the application has configured logging already."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clip_glofnd").setLevel(logging.INFO if is_main(dist) else logging.WARNING)
+
+
+def summary_lines(summary: dict[str, Any]) -> Iterator[str]:
+    """The end-of-run table `clip-glofnd train` prints: wall time, loss, filtered fractions, eval metrics."""
+    yield f"run folder       {summary['run_dir']}"
+    yield f"epochs / steps   {summary['epochs']} / {summary['steps']} ({summary['samples_seen']:,} samples)"
+    yield f"wall time        {summary['seconds']:.1f} s"
+    for key in ("loss", "filtered_img", "filtered_txt", "fn_precision_img", "fn_precision_txt"):
+        if key in summary:
+            yield f"{key:<16} {summary[key]:.4f}   (mean over the last epoch)"
+    for key, value in summary.items():
+        if key.startswith(("zeroshot/", "retrieval/")) and key.endswith(("acc1", "recall@1")):
+            yield f"{key:<16} {value:.4f}"
+
+
+def main(cfg: TrainConfig) -> int:
+    """`clip-glofnd train` after parsing: join the process group, train, print the summary on rank 0."""
+    dist = distributed.init_distributed(cfg.model.device)
+    _setup_logging(dist)
+    if cfg.model.precision == "amp" and dist.device.type == "cpu":
+        logger.warning("--precision amp on CPU: fp16 autocast there is ~13x slower than fp32")
+    try:
+        summary = train(cfg, dist)
+    finally:
+        distributed.cleanup(dist)
+    if is_main(dist):
+        print("\n".join(summary_lines(summary)))
+    return 0

@@ -1,0 +1,110 @@
+"""The front doors stay true: fast `--help` without torch, every documented command parses, unknown commands fail.
+
+Commands are taken from README.md (lines starting with `clip-glofnd`, continuation lines joined) and from the
+scripts: each script that launches `clip-glofnd` honours DRY_RUN=1 by running its exact command with --dry-run, so
+the test runs the script itself for every launcher / loss it offers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clip_glofnd import cli
+from clip_glofnd.config import train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.sh") if re.search(r"clip-glofnd|clip_glofnd\.cli",
+                                                                         p.read_text()))
+# environment each script needs for a dry run, and the variants it offers
+SCRIPT_RUNS = {
+    "demo.sh": [{}],
+    "train_cc3m.sh": [{"LOSS": "fastclip"}, {"LOSS": "sogclr", "GPUS": "4"},
+                      {"LAUNCH": "srun", "SLURM_NTASKS": "16"}],
+    "train_cc12m.sh": [{"LOSS": "fastclip"}, {"LOSS": "sogclr", "LAUNCH": "srun", "SLURM_NTASKS": "32"}],
+    "finetune_openclip.sh": [{"PRETRAINED": "/ckpt/open_clip.pt", "DATA": "/data/mine/{00000..00009}.tar"},
+                             {"PRETRAINED": "/ckpt/open_clip.pt", "DATA": "/d/{0..1}.tar", "LAUNCH": "torchrun",
+                              "GPUS": "2"}],
+}
+
+
+def readme_commands(text: str | None = None) -> list[list[str]]:
+    """`clip-glofnd ...` command lines of README.md (code blocks and inline), as argv lists without the program."""
+    text = ((ROOT / "README.md").read_text() if text is None else text).replace("\\\n", " ")
+    lines = re.findall(r"^\s*(?:\$\s*)?(clip-glofnd\s.*)$", text, flags=re.M)
+    lines += re.findall(r"`(clip-glofnd\s[^`]*)`", text)
+    commands = [shlex.split(line, comments=True)[1:] for line in dict.fromkeys(lines)]
+    return [argv for argv in commands if argv and not argv[0].isupper()]              # not `clip-glofnd COMMAND`
+
+
+def test_help_is_fast_and_imports_neither_torch_nor_open_clip() -> None:
+    code = ("import sys, time; t = time.perf_counter(); from clip_glofnd import cli;"
+            " rc = cli.main(['train', '--help']); assert rc == 0, rc;"
+            " heavy = [m for m in ('torch', 'open_clip', 'numpy') if m in sys.modules];"
+            " print('HEAVY', heavy, 'SECONDS', time.perf_counter() - t)")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    wall = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert "--fnd-mask-start-epoch" in result.stdout and "--train-data" in result.stdout
+    assert "HEAVY [] SECONDS" in result.stdout
+    assert wall < 2.0, f"`clip-glofnd train --help` took {wall:.2f} s"
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_bad_flag_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["train", "--train-data", "x", "--fnd", "maybe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clip-glofnd train: error:") and "--fnd" in err[0]
+
+
+@pytest.mark.parametrize("argv", readme_commands() or [pytest.param([], marks=pytest.mark.skip("no commands yet"))],
+                         ids=lambda argv: " ".join(argv[:2]))
+def test_readme_command_parses(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    """Train commands pass --dry-run, eval commands parse with its parser; other commands are known."""
+    assert argv and argv[0] in cli.COMMANDS, argv
+    if argv[0] == "train":
+        assert train_main(argv[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
+    elif argv[0] == "eval":
+        from clip_glofnd.evaluate import build_parser
+        build_parser().parse_args(argv[1:])
+
+
+def test_readme_command_extraction() -> None:
+    text = ('```bash\nclip-glofnd make-digits demo/digits\n$ clip-glofnd train --train-data "d/{0..1}.tar" \\\n'
+            '    --fnd glofnd   # a comment\n```\nSee `clip-glofnd COMMAND --help` and `clip-glofnd train --help`.\n')
+    assert readme_commands(text) == [["make-digits", "demo/digits"],
+                                     ["train", "--train-data", "d/{0..1}.tar", "--fnd", "glofnd"],
+                                     ["train", "--help"]]
+
+
+def test_every_launching_script_is_covered() -> None:
+    assert {p.name for p in SCRIPTS} <= set(SCRIPT_RUNS), "add the new script to SCRIPT_RUNS"
+
+
+@pytest.mark.parametrize("script, env", [(name, env) for name, runs in SCRIPT_RUNS.items() for env in runs],
+                         ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
+def test_script_command_parses_with_dry_run(script: str, env: dict[str, str]) -> None:
+    path = ROOT / "scripts" / script
+    environ = {**os.environ, **env, "DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=environ)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^train_data: "', result.stdout, flags=re.M), result.stdout
+
+
+@pytest.mark.parametrize("script", list(SCRIPT_RUNS))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_script_help_prints_its_header(script: str, flag: str) -> None:
+    result = subprocess.run(["bash", str(ROOT / "scripts" / script), flag], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and "Usage:" in result.stdout and not result.stdout.startswith("!")

@@ -1,0 +1,229 @@
+"""`clip-glofnd train` end to end on the digits shards with a micro model, plus the step's parts.
+
+Oracles: the run's own files (metrics.jsonl, checkpoints) against what the flags asked for; an uninterrupted run
+against a crashed-and-resumed one (composer style); gradient accumulation against the unsplit batch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_glofnd import cli, train
+from clip_glofnd.config import from_flat
+from clip_glofnd.data import Batch
+from clip_glofnd.distributed import DistInfo
+from clip_glofnd.logger import read_jsonl
+
+MICRO = {"embed_dim": 16,
+         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a 1-layer open_clip JSON config (~1.7 M parameters, mostly the token embedding)."""
+    path = tmp_path_factory.mktemp("models") / "clip-micro-test.json"
+    path.write_text(json.dumps(MICRO))
+    return str(path)
+
+
+def argv(digits: Path, model: str, logs: Path, *extra: str) -> list[str]:
+    """A tiny run: 64 samples per epoch, batches of 32, no loader workers (deterministic, no process start-up)."""
+    return ["train", "--train-data", str(digits / "train" / "{00000..00011}.tar"), "--train-num-samples", "64",
+            "--model", model, "--batch-size", "32", "--epochs", "1", "--lr", "1e-3", "--warmup", "1",
+            "--workers", "0", "--logs", str(logs), *extra]
+
+
+@pytest.mark.parametrize("loss", ["clip", "sogclr", "fastclip"])
+def test_tiny_run_with_glofnd(loss: str, digits_dir: Path, micro_model: str, tmp_path: Path) -> None:
+    """One epoch runs; JSONL, config, checkpoints and λ plot appear; exactly the samples seen have learned λ / u."""
+    rc = cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "run", "--loss", loss, "--fnd", "glofnd",
+                       "--fnd-alpha", "0.05", "--fnd-lr", "0.2"))
+    assert rc == 0
+    run = tmp_path / "run"
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("lr", "temperature", "filtered_img", "filtered_txt", "lam_img_p50", "lam_txt_p90", "samples_seen",
+                "step_time"):
+        assert key in steps[0], key
+    assert steps[-1]["samples_seen"] == 64
+    ckpt = torch.load(run / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert (run / "checkpoints" / "epoch_1.pt").is_file() and (run / "lambda_epoch_1.png").is_file()
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and ckpt["config"]["loss"] == loss
+    seen = ckpt["glofnd"]["img"]["steps"] > 0
+    assert int(seen.sum()) == 64 and torch.equal(seen, ckpt["glofnd"]["txt"]["steps"] > 0)
+    assert (ckpt["glofnd"]["img"]["lam"][seen] < 1).all() and (ckpt["glofnd"]["img"]["lam"][~seen] == 1).all()
+    if loss != "clip":
+        assert torch.equal(ckpt["loss"]["u_img"] > 0, seen)
+        log_inv_tau = ckpt["loss"].get("log_inv_tau", torch.tensor(1 / 0.03).log())       # the loss owns τ ...
+        assert float(ckpt["state_dict"]["logit_scale"]) == pytest.approx(float(log_inv_tau))  # ... open_clip sees it
+        assert loss == "sogclr" or float(log_inv_tau) != pytest.approx(float(torch.tensor(1 / 0.07).log()))
+    assert from_flat(json.loads(json.dumps(ckpt["config"]))).loss.name == loss
+
+
+def test_oracle_filters_same_class_negatives_and_eval_joins_the_log(digits_dir: Path, micro_model: str,
+                                                                    tmp_path: Path) -> None:
+    """--fnd oracle removes the same-digit negatives (~1/10 of them); --zeroshot-data metrics land in the JSONL."""
+    rc = cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "oracle", "--fnd", "oracle",
+                       "--zeroshot-data", str(digits_dir / "wds" / "digits_cls")))
+    assert rc == 0
+    records = read_jsonl(tmp_path / "oracle" / "metrics.jsonl")
+    filtered = [r["filtered_img"] for r in records if "filtered_img" in r]
+    assert all(0.02 < f < 0.25 for f in filtered), filtered
+    evals = [r for r in records if "zeroshot/digits_cls/acc1" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["zeroshot/digits_cls/acc1"] <= 1.0
+
+
+class Crash(Exception):
+    """Stands for a job killed right after its first checkpoint."""
+
+
+def test_resume_equals_uninterrupted(digits_dir: Path, micro_model: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 epochs straight == 1 epoch, crash, --resume latest, 1 epoch: same weights, optimizer, λ/m/v, u, τ."""
+    flags = ["--epochs", "2", "--loss", "fastclip", "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2"]
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "straight", *flags)) == 0
+    save = train.save_checkpoints
+
+    def save_then_crash(parts, state, run_dir):
+        save(parts, state, run_dir)
+        raise Crash
+
+    monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
+    with pytest.raises(Crash):
+        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *flags))
+    monkeypatch.setattr(train, "save_checkpoints", save)
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest", *flags)) == 0
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "epoch_latest.pt", weights_only=True)
+            for name in ("straight", "resumed"))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
+    for key in ("state_dict", "loss", "glofnd", "optimizer"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert (a["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
+
+
+def _parts(micro_model: str, accum: int) -> train.Parts:
+    from clip_glofnd.model import create_model
+    torch.manual_seed(0)
+    cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "accum_freq": accum, "fnd": "glofnd",
+                     "fnd_alpha": 0.2})
+    model = create_model(micro_model)[0]
+    return train.build_parts(cfg, DistInfo(), model, num_samples=16)
+
+
+def test_accumulation_gives_the_unsplit_gradient(micro_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--accum-freq 2 leaves the same gradients and λ as one pass over the whole batch."""
+    monkeypatch.setattr(train, "_optimizer_step", lambda parts: None)                # keep the gradients
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16)), torch.arange(8), None)
+    grads, lams = [], []
+    for accum in (1, 2):
+        parts = _parts(micro_model, accum)
+        train.train_step(batch, parts, epoch=0)
+        grads.append({n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None})
+        lams.append(parts.fnd_img.threshold.clone())
+    assert grads[0].keys() == grads[1].keys() and "logit_scale" in grads[0]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lams[1], lams[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--train-data", "/nonexistent/{0..1}.tar"], "/nonexistent"),
+    (["--fnd", "glofnd", "--fnd-start-epoch", "2", "--fnd-mask-start-epoch", "1"], "--fnd-mask-start-epoch"),
+    (["--loss", "sogclr", "--accum-freq", "2"], "--accum-freq"),
+])
+def test_bad_input_is_one_line_and_exit_2(extra: list[str], message: str, digits_dir: Path, micro_model: str,
+                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(argv(digits_dir, micro_model, tmp_path, *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and message in err[-1] and err[-1].startswith("clip-glofnd train: error:")
+
+
+def test_resume_with_another_architecture_is_refused(digits_dir: Path, micro_model: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "micro")) == 0
+    ckpt = tmp_path / "micro" / "checkpoints" / "epoch_latest.pt"
+    rc = cli.main(argv(digits_dir, "clip-tiny", tmp_path, "--name", "tiny", "--resume", str(ckpt)))
+    assert rc == 2 and "model" in capsys.readouterr().err
+
+
+def test_lr_schedule_matches_open_clip() -> None:
+    """Warmup then cosine, as open_clip_train.scheduler.cosine_lr."""
+    from open_clip_train.scheduler import cosine_lr
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    reference = cosine_lr(optimizer, 0.1, 5, 50)
+    for step in range(50):
+        assert 0.1 * train.lr_factor(step, 5, 50) == pytest.approx(reference(step), abs=1e-12)
+
+
+# ------------------------------------------------------------------------------- 2 ranks (gloo, CPU) == 1 process
+def _two_rank_entry(rank: int, model: str, port: int, out: str) -> None:
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from clip_glofnd import distributed
+    dist = distributed.init_distributed("cpu")
+    try:
+        torch.save(_steps_state(model, dist), Path(out) / f"rank{rank}.pt")
+    finally:
+        distributed.cleanup(dist)
+
+
+def _steps_state(model_path: str, dist: DistInfo) -> list[dict]:
+    """Two FastCLIP-v3 + GloFND steps on this rank's rows of a fixed global batch of 8 (optimizer step disabled, so
+    gradients compare without Adam's amplification); gradients and per-sample state after each."""
+    from clip_glofnd.model import create_model
+    torch.manual_seed(0)
+    cfg = from_flat({"train_data": "x", "model": model_path, "batch_size": 8 // dist.world_size, "loss": "fastclip",
+                     "fnd": "glofnd", "fnd_alpha": 0.3, "fnd_lr": 0.5})
+    parts = train.build_parts(cfg, dist, create_model(model_path)[0], num_samples=12)
+    parts.optimizer.step = lambda *args, **kwargs: None                               # keep weights fixed
+    g = torch.Generator().manual_seed(1)
+    images, texts = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 400, (8, 16), generator=g)
+    rows = slice(dist.rank * cfg.optim.batch_size, (dist.rank + 1) * cfg.optim.batch_size)
+    out = []
+    for ids in (torch.arange(8), torch.tensor([4, 5, 6, 7, 8, 9, 10, 11])):         # ids 4..7 are seen twice
+        train.train_step(Batch(images[rows], texts[rows], ids[rows], None), parts, epoch=0)
+        out.append({"grads": {n: p.grad.clone() for n, p in parts.unwrapped.named_parameters() if p.grad is not None},
+                    "tau_grad": parts.loss_fn.log_inv_tau.grad.clone(), "img": dict(parts.fnd_img.state_dict()),
+                    "txt": dict(parts.fnd_txt.state_dict()), "loss": dict(parts.loss_fn.state_dict())})
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(micro_model: str, tmp_path: Path) -> None:
+    """DDP + gathers + row sync on 2 gloo ranks give the single-process gradients, λ/m/v/steps and u."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_entry, args=(micro_model, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _steps_state(micro_model, DistInfo())
+    for step in range(2):
+        for rank in ranks:
+            torch.testing.assert_close(rank[step]["grads"], single[step]["grads"], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(rank[step]["tau_grad"], single[step]["tau_grad"], rtol=1e-4, atol=1e-6)
+            for key in ("img", "txt", "loss"):
+                torch.testing.assert_close(rank[step][key], single[step][key], rtol=1e-5, atol=1e-6)
+    assert (single[1]["img"]["steps"][4:8] == 2).all() and (single[1]["img"]["lam"][:12] < 1).all()
+
+
+@pytest.mark.parametrize("precision", ["amp", "amp_bf16"])
+def test_mixed_precision_step(precision: str, micro_model: str) -> None:
+    """AMP steps (GradScaler for fp16) run and keep fp32 weights; the filter sees float32 similarities."""
+    from clip_glofnd.model import create_model
+    torch.manual_seed(0)
+    cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "precision": precision,
+                     "loss": "fastclip", "fnd": "glofnd", "fnd_alpha": 0.2})
+    parts = train.build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=8)
+    before = parts.unwrapped.visual.conv1.weight.clone()
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16)), torch.arange(8), None)
+    metrics = train.train_step(batch, parts, epoch=0)
+    assert parts.scaler.is_enabled() == (precision == "amp")
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and parts.unwrapped.visual.conv1.weight.dtype == torch.float32
+    assert not torch.equal(before, parts.unwrapped.visual.conv1.weight) and (parts.fnd_img.threshold[:8] < 1).all()
