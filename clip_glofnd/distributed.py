@@ -13,6 +13,7 @@ this choice and what sharding by id would take.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import re
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+# Ranks wait at a barrier while rank 0 evaluates and writes a checkpoint; NCCL's default 10 min would kill them.
+_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         torch.cuda.set_device(info.device)
     if info.world_size > 1 and not tdist.is_initialized():
         tdist.init_process_group(info.backend, init_method=info.init_method, rank=info.rank,
-                                 world_size=info.world_size)
+                                 world_size=info.world_size, timeout=_COLLECTIVE_TIMEOUT)
         logger.info("joined %s process group: rank %d/%d on %s", info.backend, info.rank, info.world_size, info.device)
     return info
 
@@ -244,12 +247,15 @@ def _first_occurrence(ids: Tensor) -> Tensor:
 
 
 def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    """The requested device, with CUDA bound to this process's local rank unless an index is given."""
+    """The requested device, with CUDA bound to this process's local rank unless an index is given.
+
+    Modulo the visible GPU count: under `srun --gpus-per-task=1` every task sees its one GPU as cuda:0."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        dev = torch.device("cuda", local_rank % visible if visible else local_rank)
     return dev
 
 

@@ -40,7 +40,7 @@ ARGS=(train --train-data "$DATA" --model "$MODEL" --pretrained "$PRETRAINED" --b
       --workers "$WORKERS" --logs "$LOGS" --name "$NAME" --resume latest "$@")
 case $LAUNCH in
     single)   RUN=(clip-glofnd) ;;
-    torchrun) RUN=(torchrun --standalone --nproc_per_node="$GPUS" -m clip_glofnd.cli) ;;
+    torchrun) RUN=(torchrun --standalone --nproc_per_node="$GPUS" -m -- clip_glofnd.cli) ;;
     srun)     RUN=(srun --kill-on-bad-exit=1 python -m clip_glofnd.cli) ;;
     *) echo "$(basename "$0"): LAUNCH must be single, torchrun or srun, got '$LAUNCH'" >&2; exit 2 ;;
 esac

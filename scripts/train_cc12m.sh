@@ -49,5 +49,5 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
 elif [[ $LAUNCH == srun ]]; then
     exec srun --kill-on-bad-exit=1 python -m clip_glofnd.cli "${ARGS[@]}"
 else
-    exec torchrun --standalone --nproc_per_node="$GPUS" -m clip_glofnd.cli "${ARGS[@]}"
+    exec torchrun --standalone --nproc_per_node="$GPUS" -m -- clip_glofnd.cli "${ARGS[@]}"
 fi

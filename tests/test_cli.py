@@ -108,3 +108,15 @@ def test_script_help_prints_its_header(script: str, flag: str) -> None:
     result = subprocess.run(["bash", str(ROOT / "scripts" / script), flag], capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0 and "Usage:" in result.stdout and not result.stdout.startswith("!")
+
+
+def test_torchrun_lines_pass_our_flags_through() -> None:
+    """torchrun would read our --logs as its --logs-specs ("ambiguous option"): every torchrun line says `-m --`."""
+    from torch.distributed.run import get_args_parser
+    lines = [line for script in SCRIPTS for line in script.read_text().splitlines()
+             if re.search(r"\btorchrun\b.*-m\b", line) and not line.lstrip().startswith("#")]
+    assert lines, "no torchrun launch line found in scripts/"
+    assert all(" -m -- clip_glofnd.cli" in line for line in lines), lines
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node=2", "-m", "--", "clip_glofnd.cli", "train",
+                                         "--logs", "/shared/logs"])
+    assert args.training_script == "clip_glofnd.cli" and args.training_script_args == ["train", "--logs", "/shared/logs"]

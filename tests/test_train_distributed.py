@@ -1,0 +1,183 @@
+"""`clip-glofnd train` on 2 gloo processes end to end, then resumed on 1; and benchmarks/sync_share.py --quick.
+
+Two spawned processes get torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and run
+`cli.main(["train", ...])` for one epoch on the digits shards with zero-shot evaluation after the epoch (rank 0
+evaluates, rank 1 waits at the barrier). Oracles: the ids each rank trained on (recorded around `train.train_step`),
+the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. Every
+multi-process job has a deadline, so a hang fails instead of blocking CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from clip_glofnd import checkpoint, cli, train
+from clip_glofnd.logger import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import sync_share  # noqa: E402
+
+WORLD, DEADLINE_S = 2, 300.0
+MICRO = {"embed_dim": 16,                              # 1-layer open_clip ViT + text transformer, ~1.7 M params
+         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+SAMPLES = 64                                           # per epoch: 2 ranks × 2 steps × 16, then 1 rank × 2 steps × 32
+
+
+def _argv(digits: Path, model: str, logs: Path, batch_size: int, epochs: int, *extra: str) -> list[str]:
+    return ["train", "--train-data", str(digits / "train" / "{00000..00011}.tar"), "--train-num-samples",
+            str(SAMPLES), "--model", model, "--batch-size", str(batch_size), "--epochs", str(epochs), "--lr", "1e-3",
+            "--warmup", "1", "--workers", "0", "--logs", str(logs), "--name", "run", "--loss", "sogclr",
+            "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
+    """A spawned rank: torchrun's variables, recorders around train_step / save_checkpoints / save_atomic, cli.main."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen: dict[str, Any] = {"ids": [], "saves": [], "state": None}
+    step, save_checkpoints, save_atomic = train.train_step, train.save_checkpoints, checkpoint.save_atomic
+
+    def record_step(batch, parts, *, epoch):
+        seen["ids"].append(batch.ids.clone())
+        return step(batch, parts, epoch=epoch)
+
+    def record_state(parts, state, run_dir):                                    # what THIS rank holds at save time
+        seen["state"] = {"glofnd": {"img": parts.fnd_img.state_dict(), "txt": parts.fnd_txt.state_dict()},
+                         "loss": parts.loss_fn.state_dict(), "state_dict": checkpoint.plain_state_dict(parts.model)}
+        save_checkpoints(parts, state, run_dir)
+
+    def record_save(ckpt, path):
+        seen["saves"].append(Path(path).name)
+        return save_atomic(ckpt, path)
+
+    train.train_step, train.save_checkpoints, checkpoint.save_atomic = record_step, record_state, record_save
+    rc = cli.main(argv)
+    torch.save({"rc": rc, **seen, "ids": torch.cat(seen["ids"])}, out / f"rank{rank}.pt")
+
+
+def _spawn_ranks(argv: list[str], out: Path) -> list[dict[str, Any]]:
+    """`argv` on 2 gloo processes; their records. Fails (after killing them) if they run past DEADLINE_S."""
+    context = torch.multiprocessing.spawn(_rank_main, args=(argv, _free_port(), out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):   # raises if a rank failed
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"2-rank `clip-glofnd train` did not finish within {DEADLINE_S:.0f} s: a rank hangs")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """1 epoch on 2 ranks (batch 16 each, zero-shot eval after the epoch), then --resume latest for a 2nd epoch on
+    1 process (batch 32: the same global batch)."""
+    tmp = tmp_path_factory.mktemp("train_dist")
+    model = tmp / "clip-micro-ddp.json"
+    model.write_text(json.dumps(MICRO))
+    logs = tmp / "logs"
+    ranks = _spawn_ranks(_argv(digits_dir, str(model), logs, 16, 1, "--zeroshot-data",
+                               str(digits_dir / "wds" / "digits_cls"), "--eval-every", "1"), tmp)
+    first = torch.load(logs / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    resumed_ids: list[torch.Tensor] = []
+    step = train.train_step
+
+    def record_step(batch, parts, *, epoch):
+        resumed_ids.append(batch.ids.clone())
+        return step(batch, parts, epoch=epoch)
+
+    train.train_step = record_step
+    try:
+        rc = cli.main(_argv(digits_dir, str(model), logs, 32, 2, "--resume", "latest"))
+    finally:
+        train.train_step = step
+    last = torch.load(logs / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    return {"ranks": ranks, "run_dir": logs / "run", "first": first, "rc": rc, "last": last,
+            "resumed_ids": torch.cat(resumed_ids)}
+
+
+def test_two_ranks_train_evaluate_and_rank0_writes_one_full_checkpoint(runs: dict[str, Any]) -> None:
+    """Both ranks finish (no hang at the eval barrier); only rank 0 writes; disjoint data; evaluation logged."""
+    ranks, first = runs["ranks"], runs["first"]
+    assert [r["rc"] for r in ranks] == [0, 0]
+    assert ranks[0]["saves"] == ["epoch_1.pt", checkpoint.LATEST] and ranks[1]["saves"] == []
+    names = sorted(p.name for p in (runs["run_dir"] / "checkpoints").iterdir())     # no temporary file left over
+    assert names == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"]                   # (epoch_2: the resumed run)
+    ids0, ids1 = (set(r["ids"].tolist()) for r in ranks)
+    assert len(ids0) == len(ids1) == SAMPLES // WORLD and not ids0 & ids1     # each rank its own 32 samples
+    assert (first["epoch"], first["step"], first["data"]["samples_seen"]) == (1, 2, SAMPLES)
+    records = read_jsonl(runs["run_dir"] / "metrics.jsonl")
+    evals = [r for r in records if "zeroshot/digits_cls/acc1" in r]
+    assert len(evals) == 1 and evals[0]["epoch"] == 1 and 0.0 <= evals[0]["zeroshot/digits_cls/acc1"] <= 1.0
+
+
+def test_checkpoint_holds_rows_written_on_both_ranks(runs: dict[str, Any]) -> None:
+    """Rank 0's file has learned λ / steps / u exactly for the samples of BOTH ranks (rank 1's arrived by sync_rows),
+    and every rank held that same state when the file was written."""
+    ranks, first = runs["ranks"], runs["first"]
+    trained = torch.zeros_like(first["glofnd"]["img"]["steps"], dtype=torch.bool)
+    trained[torch.cat([r["ids"] for r in ranks])] = True                          # [n] samples of either rank
+    for modality in ("img", "txt"):
+        state = first["glofnd"][modality]
+        assert torch.equal(state["steps"], trained.int()), modality               # once each, nothing else
+        assert (state["lam"][trained] < 1).all() and (state["lam"][~trained] == 1).all()
+    assert torch.equal(first["loss"]["u_img"] > 0, trained) and torch.equal(first["loss"]["u_txt"] > 0, trained)
+    for rank in ranks:
+        for key in ("glofnd", "loss", "state_dict"):
+            torch.testing.assert_close(rank["state"][key], first[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_on_one_process_continues_the_state(runs: dict[str, Any]) -> None:
+    """The 2-rank checkpoint resumes at world size 1: steps_new = steps_old + 1 on the rows trained in epoch 2,
+    every other row (λ, m, v, steps, u) bit-identical to the 2-rank checkpoint."""
+    first, last, ids = runs["first"], runs["last"], runs["resumed_ids"]
+    assert runs["rc"] == 0
+    assert (last["epoch"], last["step"], last["data"]["samples_seen"]) == (2, 4, 2 * SAMPLES)
+    assert len(ids) == SAMPLES and len(set(ids.tolist())) == SAMPLES
+    touched = torch.zeros_like(first["glofnd"]["img"]["steps"], dtype=torch.bool)
+    touched[ids] = True
+    for modality in ("img", "txt"):
+        old, new = first["glofnd"][modality], last["glofnd"][modality]
+        assert torch.equal(new["steps"], old["steps"] + touched.int()), modality
+        for key in ("lam", "m", "v"):
+            assert torch.equal(new[key][~touched], old[key][~touched]), (modality, key)
+            assert not torch.equal(new[key][touched], old[key][touched]), (modality, key)
+    for key in ("u_img", "u_txt"):
+        assert torch.equal(last["loss"][key][~touched], first["loss"][key][~touched]), key
+        assert (last["loss"][key][touched] > 0).all(), key
+
+
+def test_sync_share_quick(tmp_path: Path) -> None:
+    """benchmarks/sync_share.py --quick: 2 ranks, JSON with the command, machine, times and byte counts."""
+    out = tmp_path / "sync_share.json"
+    assert sync_share.main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "sync_share" and "--quick" in result["command"]
+    assert result["world_size"] == WORLD and "under_load" in result["machine"]
+    for row in result["rows"]:
+        b, d = row["batch"], row["embed_dim"]
+        assert 0 < row["sync_s"] < row["step_s"] and 0 < row["sync_isolated_s"] < row["step_s"]
+        assert row["sync_share_pct"] == pytest.approx(100 * row["sync_s"] / row["step_s"])
+        bytes_ = row["bytes"]
+        assert bytes_["features_send"] == 2 * b * d * 4 and bytes_["features_recv"] == WORLD * bytes_["features_send"]
+        assert bytes_["ids_send"] == bytes_["labels_send"] == 8 * b
+        assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)                   # id + GloFND img/txt + u (sogclr)
+        assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
