@@ -57,7 +57,6 @@ def throughput_result(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow                                      # 3 fresh processes importing torch + open_clip: ~30 s idle
 def test_throughput_quick_structure_and_values(throughput_result: dict) -> None:
     r = throughput_result
     assert r["benchmark"] == "throughput" and MACHINE_KEYS <= set(r["machine"])
