@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -30,3 +31,13 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("digits")
     make_digits(out, seed=0)
     return out
+
+
+def join_or_kill(context: torch.multiprocessing.ProcessContext, timeout_s: float, what: str) -> None:
+    """Wait for spawned ranks (a failed rank raises); kill them all and fail the test if they outlive `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish within {timeout_s:.0f} s (a rank hangs)")

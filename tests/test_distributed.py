@@ -13,11 +13,11 @@ import functools
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from conftest import join_or_kill
 import torch
 from torch import Tensor, nn
 
@@ -135,12 +135,7 @@ def _entry(rank: int, fn: Callable[[DistInfo], Any], port: int, out: Path) -> No
 def run_two_ranks(fn: Callable[[DistInfo], Any], out: Path, timeout_s: float = 240.0) -> list[Any]:
     """fn(dist) on 2 gloo CPU processes; returns the per-rank results. A hang fails the test after `timeout_s`."""
     context = torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), out), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):   # raises if a rank failed
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2-rank job did not finish within {timeout_s:.0f} s (hang?)")
+    join_or_kill(context, timeout_s, "2-rank job")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -12,11 +12,11 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import join_or_kill
 import torch
 
 from clip_glofnd import checkpoint, cli, train
@@ -77,12 +77,7 @@ def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
 def _spawn_ranks(argv: list[str], out: Path) -> list[dict[str, Any]]:
     """`argv` on 2 gloo processes; their records. Fails (after killing them) if they run past DEADLINE_S."""
     context = torch.multiprocessing.spawn(_rank_main, args=(argv, _free_port(), out), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):   # raises if a rank failed
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2-rank `clip-glofnd train` did not finish within {DEADLINE_S:.0f} s: a rank hangs")
+    join_or_kill(context, DEADLINE_S, "2-rank `clip-glofnd train`")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
