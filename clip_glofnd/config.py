@@ -140,8 +140,12 @@ class FndConfig(_Section):
     lr: float = _opt(0.05, "Adam step size of the thresholds lambda")
     start_epoch: int = _opt(0, "lambda starts learning at this epoch")
     mask_start_epoch: int | None = _opt(None, "negatives are filtered from this epoch on (default: --fnd-start-epoch)")
+    init: Literal["one", "quantile"] = _opt(
+        "one", "starting lambda: one (the paper's lambda = 1, nothing filtered until it walks down) or quantile (a "
+               "sample's first visit sets lambda to its mini-batch (1 - alpha) quantile, then Adam)")
     bias_correction: Literal["sample", "epoch"] = _opt(
-        "sample", "Adam bias correction of lambda by the sample's own update count, or by epoch (the authors' code)")
+        "sample", "Adam bias correction of lambda by the sample's own number of steps, or by the absolute epoch "
+                  "t = epoch + 1 (the authors' code)")
 
     def __post_init__(self) -> None:
         mask_start = self.start_epoch if self.mask_start_epoch is None else self.mask_start_epoch

@@ -9,16 +9,20 @@ whose stochastic subgradient on the negatives of i in a mini-batch is
 
     g_i = α − mean_{j ∈ neg(i)} 1[s_ij > λ_i].
 
-Only the anchors in the batch are updated, each with its own Adam step (moments m_i, v_i, update count steps_i);
-λ starts at 1 (nothing filtered) and is clamped to [−1, 1]. Negatives with s_ij > λ_i are false negatives and leave
-i's contrastive denominator; positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest.
+Only the anchors in the batch are updated, each with its own Adam step (moments m_i, v_i, visit count steps_i);
+λ is clamped to [−1, 1]. Negatives with s_ij > λ_i are false negatives and leave i's contrastive denominator;
+positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest.
+
+Starting point (``init``): ``"one"`` is the paper's λ = 1 (nothing filtered until λ has walked down, one Adam step
+per visit). ``"quantile"`` warm-starts: the first time a sample is updated its λ is set to its row's mini-batch
+(1 − α) quantile over negatives (what ``fnd`` computes; the mean over its rows if the id repeats), with no Adam step
+on that visit, and Adam goes on from there on later visits.
 
 Bias correction: λ_i is its own parameter, updated only when i is in a batch, so by default (``"sample"``) Adam's
-bias correction uses the row's own update count t_i. The authors' code uses the epoch number (t = epoch + 1), which
-shrinks a sample's first steps: first updated at epoch 15 (their default start), λ moves by ~0.46·lr instead of lr.
-``"epoch"`` offers that form as t = epoch − start_epoch + 1 (the authors' when start_epoch = 0); it equals
-``"sample"`` only when every sample is seen exactly once per epoch. Pure tensor code: no I/O, no torch.distributed,
-no globals.
+bias correction uses the row's own number of Adam steps t_i. ``"epoch"`` is the authors' code exactly: t = epoch + 1
+with the absolute epoch, whatever the start epoch, which shrinks a sample's first steps (first updated at epoch 15,
+their CC3M start, λ moves by ~0.46·lr instead of lr); it equals ``"sample"`` only when learning starts at epoch 0 and
+every sample is seen exactly once per epoch. Pure tensor code: no I/O, no torch.distributed, no globals.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 
 MODES = ("none", "glofnd", "fnd", "oracle")
+INITS = ("one", "quantile")
 BIAS_CORRECTIONS = ("sample", "epoch")
 STATE_KEYS = ("lam", "m", "v", "steps")
 _QUANTILE_MAX_NUMEL = 1 << 24  # torch.(nan)quantile refuses larger inputs
@@ -120,7 +125,7 @@ class GloFND:
     def __init__(
             self, num_samples: int, alpha: float, lr: float = 0.05, betas: tuple[float, float] = (0.9, 0.98),
             eps: float = 1e-8, start_epoch: int = 0, mask_start_epoch: int | None = None, mode: str = "glofnd",
-            device: torch.device | str | None = None, bias_correction: str = "sample",
+            device: torch.device | str | None = None, bias_correction: str = "sample", init: str = "one",
     ) -> None:
         mask_start_epoch = start_epoch if mask_start_epoch is None else mask_start_epoch
         checks = [  # (ok, what is wrong)
@@ -135,18 +140,19 @@ class GloFND:
             (mode in MODES, f"mode must be one of {MODES}, got {mode!r}"),
             (bias_correction in BIAS_CORRECTIONS,
              f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"),
+            (init in INITS, f"init must be one of {INITS}, got {init!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"GloFND: {message}")
         self.num_samples, self.alpha, self.lr, self.betas, self.eps = int(num_samples), alpha, lr, tuple(betas), eps
         self.start_epoch, self.mask_start_epoch, self.mode = start_epoch, mask_start_epoch, mode
-        self.bias_correction = bias_correction
+        self.bias_correction, self.init = bias_correction, init
         n = self.num_samples
         self.lam = torch.ones(n, dtype=torch.float32, device=device)              # [n] thresholds λ
         self.m = torch.zeros(n, dtype=torch.float32, device=device)               # [n] Adam first moments
         self.v = torch.zeros(n, dtype=torch.float32, device=device)               # [n] Adam second moments
-        self.steps = torch.zeros(n, dtype=torch.int32, device=device)             # [n] number of updates per sample
+        self.steps = torch.zeros(n, dtype=torch.int32, device=device)             # [n] visits (updates) per sample
 
     @property
     def threshold(self) -> Tensor:
@@ -163,7 +169,9 @@ class GloFND:
     def update(self, sim: Tensor, ids: Tensor, epoch: int, neg_mask: Tensor | None = None) -> dict[str, float]:
         """One Adam step on λ of the anchors in `ids` from the batch similarities `sim` [B, M] (detached).
 
-        An id present several times takes ONE step with the mean gradient of its rows. Returns floats for logging:
+        With init="quantile" a sample's first visit sets its λ to its rows' mini-batch (1 − α) quantile instead of
+        taking a step. An id present several times takes ONE step with the mean gradient of its rows. Returns floats
+        for logging:
         updated_rows, lam_mean and grad_mean over the updated ids, above_frac (fraction of negatives above λ before
         the step); only updated_rows (0) when nothing learns (mode other than glofnd, or epoch < start_epoch).
         """
@@ -179,8 +187,13 @@ class GloFND:
         grad = torch.zeros_like(grad).index_add_(0, slot, grad) / count.clamp_min(1)  # [B] mean g per unique id
         active = count > 0                                                        # [B] slots that take a step
         lam, m, v, steps = (getattr(self, key)[slot_ids] for key in STATE_KEYS)
-        t = steps + 1 if self.bias_correction == "sample" else epoch - self.start_epoch + 1
-        new = adam_step(lam, m, v, grad, t, lr=self.lr, betas=self.betas, eps=self.eps)
+        warm = self.init == "quantile"
+        t = (steps + 1 - int(warm)).clamp_min(1) if self.bias_correction == "sample" else epoch + 1
+        new = list(adam_step(lam, m, v, grad, t, lr=self.lr, betas=self.betas, eps=self.eps))
+        if warm:                                                                  # first visit: λ = batch quantile
+            first = active & (steps == 0)                                         # [B] slots seen for the first time
+            new = [self._first_visit_lam(sim, neg_mask, slot, has_neg, first, new[0]),
+                   torch.where(first, m, new[1]), torch.where(first, v, new[2])]  # no Adam step on that visit
         new = [torch.where(active, a, b) for a, b in zip(new, (lam, m, v))] + [steps + active.int()]
         for key, value in zip(STATE_KEYS, new):
             getattr(self, key)[ids] = value[slot]                                 # duplicates write equal values
@@ -190,6 +203,20 @@ class GloFND:
             above.sum() / negatives.sum().clamp_min(1),
         ]).tolist()
         return dict(zip(("updated_rows", "lam_mean", "grad_mean", "above_frac"), stats))
+
+    def _first_visit_lam(self, sim: Tensor, neg_mask: Tensor | None, slot: Tensor, has_neg: Tensor, first: Tensor,
+                         lam_slots: Tensor) -> Tensor:
+        """λ per slot [B] with first-visited slots set to their rows' mean mini-batch (1 − α) quantile over negatives;
+        the quantile is computed only for those rows (one host sync to find them)."""
+        rows = (first[slot] & (has_neg > 0)).nonzero().squeeze(1)                  # [r] rows of first-visited ids
+        if len(rows) == 0:
+            return lam_slots
+        at = rows.to(sim.device)
+        q = minibatch_quantile(sim[at], None if neg_mask is None else neg_mask[at], self.alpha)   # [r]
+        q = q.to(lam_slots.device, lam_slots.dtype)
+        total = torch.zeros_like(lam_slots).index_add_(0, slot[rows], q)          # [B] per slot
+        count = torch.zeros_like(lam_slots).index_add_(0, slot[rows], torch.ones_like(q))
+        return torch.where(first, (total / count.clamp_min(1)).clamp(-1.0, 1.0), lam_slots)
 
     @torch.no_grad()
     def keep_mask(

@@ -115,7 +115,7 @@ def build_parts(cfg: TrainConfig, dist: DistInfo, model: nn.Module, num_samples:
         mirror_temperature(model, loss_fn)
     fnd = cfg.fnd
     fnd_kwargs = dict(alpha=fnd.alpha, lr=fnd.lr, start_epoch=fnd.start_epoch, mask_start_epoch=fnd.mask_start_epoch,
-                      mode=fnd.variant, bias_correction=fnd.bias_correction, device=dist.device)
+                      mode=fnd.variant, bias_correction=fnd.bias_correction, init=fnd.init, device=dist.device)
     fnd_img, fnd_txt = GloFND(num_samples, **fnd_kwargs), GloFND(num_samples, **fnd_kwargs)
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -154,8 +154,9 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 @torch.no_grad()
 def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, batch: Batch,
                      labels_all: Tensor | None, epoch: int) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
-    """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered, its
-    share of same-class pairs when the shards carry labels, λ quantiles of the batch's anchors.
+    """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered; when the
+    shards carry labels, its share of same-class pairs (fn_precision_*) and the counts fn_true_* (filtered, same
+    class), fn_false_* (filtered, other class), fn_present_* (same-class negatives); λ quantiles of the batch.
 
     λ is updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
     bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`).
@@ -175,9 +176,12 @@ def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, tx
                                     candidate_labels=labels_all)                     # [b, B] True = stays
         is_fn = ~keeps[name] & neg                                                     # [b, B] filtered out
         stats[f"filtered_{name}"] = is_fn.sum() / neg.sum().clamp_min(1)
-        if batch.labels is not None:                                                   # share of same-class ones
-            same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0)   # [b, B]
+        if batch.labels is not None:                                                   # against the labels
+            same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0) & neg  # [b, B]
             stats[f"fn_precision_{name}"] = (is_fn & same).sum() / is_fn.sum().clamp_min(1)
+            stats[f"fn_true_{name}"] = (is_fn & same).sum()                            # filtered, same class
+            stats[f"fn_false_{name}"] = (is_fn & ~same).sum()                          # filtered, other class
+            stats[f"fn_present_{name}"] = same.sum()                                   # same-class negatives
         if parts.cfg.fnd.variant == "glofnd":
             lam = fnd.threshold[batch.ids.to(fnd.threshold.device)]                  # [b] this batch's anchors
             quantiles = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], device=lam.device))

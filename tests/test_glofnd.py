@@ -92,10 +92,46 @@ def test_epoch_bias_correction_matches_hand_loop() -> None:
     for epoch in [2, 2, 3, 5, 5]:
         sim = torch.rand(1, 10, dtype=torch.float64) * 2 - 1
         g = alpha - (sim.float() > lam).double().mean().item()
-        m, v, t = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * v + (1 - BETAS[1]) * g * g, epoch - start + 1
+        m, v, t = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * v + (1 - BETAS[1]) * g * g, epoch + 1  # absolute
         lam = min(1.0, max(-1.0, lam - lr * (m / (1 - BETAS[0] ** t)) / (math.sqrt(v / (1 - BETAS[1] ** t)) + 1e-8)))
         fnd.update(sim, torch.tensor([1]), epoch)
         assert fnd.threshold[1].item() == pytest.approx(lam, abs=1e-6)
+
+
+def test_quantile_init_first_visit_is_exact_row_quantile_then_adam() -> None:
+    alpha, lr = 0.2, 0.05
+    fnd = GloFND(6, alpha, lr=lr, init="quantile")
+    sim = torch.rand(3, 11) * 2 - 1
+    neg = torch.rand(3, 11) < 0.7
+    neg[:, 0] = True
+    ids = torch.tensor([4, 1, 4])                                               # id 4 twice: mean of its two rows
+    fnd.update(sim, ids, epoch=0, neg_mask=neg)
+    q = [torch.quantile(sim[i][neg[i]], 1 - alpha) for i in range(3)]          # oracle: exact quantile per row
+    torch.testing.assert_close(fnd.threshold[[4, 1]], torch.stack([(q[0] + q[2]) / 2, q[1]]))
+    assert fnd.m.abs().sum() == 0 and fnd.v.abs().sum() == 0                    # the first visit takes no Adam step
+    assert fnd.steps.tolist() == [0, 1, 0, 0, 1, 0]
+    param = torch.nn.Parameter(fnd.threshold[1:2].clone())                      # then Adam from there, as torch's
+    opt = torch.optim.Adam([param], lr=lr, betas=BETAS, eps=1e-8)
+    for _ in range(5):
+        row = torch.rand(1, 11) * 2 - 1
+        param.grad = torch.tensor([alpha - (row > param.detach()).float().mean().item()])
+        opt.step()
+        fnd.update(row, torch.tensor([1]), epoch=0)
+        torch.testing.assert_close(fnd.threshold[1:2], param.detach())
+    assert fnd.steps[1] == 6
+
+
+def test_quantile_init_only_on_first_visit_and_one_init_unchanged() -> None:
+    sim = torch.tensor([[0.9, 0.5, 0.1, -0.2, -0.4]])
+    warm, cold = GloFND(2, 0.25, init="quantile"), GloFND(2, 0.25)
+    warm.update(sim, torch.tensor([0]), epoch=0)
+    assert warm.threshold[0].item() == pytest.approx(torch.quantile(sim[0], 0.75).item())
+    assert warm.threshold[1] == 1                                               # rows not in the batch untouched
+    cold.update(sim, torch.tensor([0]), epoch=0)
+    assert cold.threshold[0].item() == pytest.approx(0.95)                      # paper's start: λ = 1, one step
+    warm.update(sim, torch.tensor([0]), epoch=0)                                # second visit: Adam's first step
+    assert warm.threshold[0].item() == pytest.approx(0.5 - 0.05)                # g = 0.25 − 1/5 > 0: λ − lr·sign(g)
+    assert warm.steps[0] == 2 and warm.m[0].item() == pytest.approx(0.1 * 0.05)
 
 
 def test_lambda_clamped_and_positives_never_masked_at_minus_one() -> None:

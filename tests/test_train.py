@@ -40,8 +40,9 @@ def argv(digits: Path, model: str, logs: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("loss", ["clip", "sogclr", "fastclip"])
 def test_tiny_run_with_glofnd(loss: str, digits_dir: Path, micro_model: str, tmp_path: Path) -> None:
     """One epoch runs; JSONL, config, checkpoints and λ plot appear; exactly the samples seen have learned λ / u."""
+    init = ["--fnd-init", "quantile"] if loss == "fastclip" else []                # warm start: same contract
     rc = cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "run", "--loss", loss, "--fnd", "glofnd",
-                       "--fnd-alpha", "0.05", "--fnd-lr", "0.2"))
+                       "--fnd-alpha", "0.05", "--fnd-lr", "0.2", *init))
     assert rc == 0
     run = tmp_path / "run"
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
@@ -73,6 +74,10 @@ def test_oracle_filters_same_class_negatives_and_eval_joins_the_log(digits_dir: 
     records = read_jsonl(tmp_path / "oracle" / "metrics.jsonl")
     filtered = [r["filtered_img"] for r in records if "filtered_img" in r]
     assert all(0.02 < f < 0.25 for f in filtered), filtered
+    for r in (r for r in records if "filtered_img" in r):                       # the oracle drops exactly the
+        for m in ("img", "txt"):                                                # same-class negatives
+            assert r[f"fn_false_{m}"] == 0 and r[f"fn_true_{m}"] == r[f"fn_present_{m}"] > 0
+            assert r[f"fn_true_{m}"] == pytest.approx(r[f"filtered_{m}"] * 32 * 31)
     evals = [r for r in records if "zeroshot/digits_cls/acc1" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["zeroshot/digits_cls/acc1"] <= 1.0
 
