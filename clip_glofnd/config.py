@@ -141,8 +141,9 @@ class FndConfig(_Section):
     start_epoch: int = _opt(0, "lambda starts learning at this epoch")
     mask_start_epoch: int | None = _opt(None, "negatives are filtered from this epoch on (default: --fnd-start-epoch)")
     init: Literal["one", "quantile"] = _opt(
-        "one", "starting lambda: one (the paper's lambda = 1, nothing filtered until it walks down) or quantile (a "
-               "sample's first visit sets lambda to its mini-batch (1 - alpha) quantile, then Adam)")
+        "quantile", "starting lambda: quantile (default: a sample's first visit sets lambda to its mini-batch "
+                    "(1 - alpha) quantile, then Adam; README 'Python API' says why) or one (the paper's lambda = 1, "
+                    "nothing filtered until it walks down)")
     bias_correction: Literal["sample", "epoch"] = _opt(
         "sample", "Adam bias correction of lambda by the sample's own number of steps, or by the absolute epoch "
                   "t = epoch + 1 (the authors' code)")
@@ -173,6 +174,9 @@ class OptimConfig(_Section):
     eps: float = _opt(1e-6, "AdamW epsilon")
     grad_clip_norm: float | None = _opt(None, "clip the gradient norm to this value")
     accum_freq: int = _opt(1, "accumulate gradients over this many micro-batches per step (--loss clip only)")
+    state_warmup_epochs: int = _opt(0, "before epoch 1, this many forward-only passes of the frozen model (eval mode, "
+                                       "no optimizer step) fill GloFND's lambda and SogCLR/FastCLIP's u; for "
+                                       "fine-tuning (TuneCLIP); not counted in --epochs")
 
     def __post_init__(self) -> None:
         self._check(
@@ -186,6 +190,7 @@ class OptimConfig(_Section):
             (self.grad_clip_norm is None or self.grad_clip_norm > 0,
              f"--grad-clip-norm must be > 0, got {self.grad_clip_norm}"),
             (self.accum_freq >= 1, f"--accum-freq must be >= 1, got {self.accum_freq}"),
+            (self.state_warmup_epochs >= 0, f"--state-warmup-epochs must be >= 0, got {self.state_warmup_epochs}"),
             (self.batch_size % self.accum_freq == 0,
              f"--batch-size ({self.batch_size}) must be a multiple of --accum-freq ({self.accum_freq})"),
         )
@@ -238,6 +243,9 @@ class TrainConfig:
             raise UsageError(
                 f"--accum-freq {self.optim.accum_freq} needs --loss clip: {self.loss.name} updates its per-sample u "
                 f"inside the loss, which every accumulation pass would repeat; raise --batch-size or add GPUs instead")
+        if self.optim.state_warmup_epochs and self.fnd.variant != "glofnd" and self.loss.name == "clip":
+            raise UsageError(f"--state-warmup-epochs fills GloFND's lambda (--fnd glofnd) and the u of --loss "
+                             f"sogclr/fastclip; with --fnd {self.fnd.variant} and --loss clip there is nothing to fill")
         if self.run.resume == "latest" and self.run.name is None:
             raise UsageError("--resume latest needs --name (the run whose checkpoints/epoch_latest.pt to continue)")
         if self.data.train_data is None:

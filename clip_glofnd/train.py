@@ -35,6 +35,7 @@ from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import UsageError
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+from clip_glofnd.warmup import warm_up_state
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Progress:
     epoch: int = 0
     step: int = 0
     samples_seen: int = 0
+    warmup_epochs: int = 0                     # state warm-up passes done (--state-warmup-epochs)
 
 
 # --------------------------------------------------------------------------------------------------------- build
@@ -153,13 +155,15 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 # ---------------------------------------------------------------------------------------------------------- step
 @torch.no_grad()
 def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, batch: Batch,
-                     labels_all: Tensor | None, epoch: int) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
+                     labels_all: Tensor | None, epoch: int, learn_epoch: int | None = None
+                     ) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
     """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered; when the
     shards carry labels, its share of same-class pairs (fn_precision_*) and the counts fn_true_* (filtered, same
     class), fn_false_* (filtered, other class), fn_present_* (same-class negatives); λ quantiles of the batch.
 
     λ is updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
-    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`).
+    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`). λ learns as at `learn_epoch`
+    (default `epoch`; the state warm-up passes a later one so that λ learns before --fnd-start-epoch).
     """
     if parts.cfg.fnd.variant == "none":
         return None, None, {}
@@ -171,7 +175,7 @@ def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, tx
             "txt": txt.detach().float() @ img_all.detach().float().T}               # [b, B] text anchors vs images
     keeps, stats = {}, {}
     for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-        fnd.update(sims[name], batch.ids, epoch, neg_mask=neg)
+        fnd.update(sims[name], batch.ids, epoch if learn_epoch is None else learn_epoch, neg_mask=neg)
         keeps[name] = fnd.keep_mask(sims[name], batch.ids, epoch, neg_mask=neg, labels=batch.labels,
                                     candidate_labels=labels_all)                     # [b, B] True = stays
         is_fn = ~keeps[name] & neg                                                     # [b, B] filtered out
@@ -359,7 +363,8 @@ def save_checkpoints(parts: Parts, state: Progress, run_dir: Path) -> None:
         ckpt = checkpoint.make_state(
             model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=parts.fnd_img,
             fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=state.epoch, step=state.step, name=cfg.run.name,
-            config=to_flat(cfg), data={"epoch": state.epoch, "batch": 0, "samples_seen": state.samples_seen})
+            config=to_flat(cfg), data={"epoch": state.epoch, "batch": 0, "samples_seen": state.samples_seen,
+                                         "warmup_epochs": state.warmup_epochs})
         folder = checkpoint.checkpoint_dir(run_dir)
         every = cfg.run.save_frequency
         if every and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
@@ -413,7 +418,8 @@ def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> P
     checkpoint.restore(ckpt, path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                        fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
     logger.info("resumed %s: %d epochs, %d steps done", path, ckpt["epoch"], ckpt["step"])
-    return Progress(ckpt["epoch"], ckpt["step"], int(ckpt.get("data", {}).get("samples_seen", 0)))
+    data = ckpt.get("data", {})
+    return Progress(ckpt["epoch"], ckpt["step"], int(data.get("samples_seen", 0)), int(data.get("warmup_epochs", 0)))
 
 
 def make_loader(cfg: TrainConfig, dist: DistInfo, preprocess: Any, tokenizer: Any, num_samples: int, epoch: int
@@ -440,6 +446,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     parts = build_parts(cfg, dist, model, num_samples)
     state = resume(cfg, parts, run_dir, num_samples)
     log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard)
+    warm_up_state(parts, state, run_dir, log, save=save_checkpoints,
+                  make_loader=lambda epoch: make_loader(cfg, dist, preprocess, tokenizer, num_samples, epoch))
     means: dict[str, float] = {}
     metrics: dict[str, float] = {}
     for epoch in range(state.epoch, cfg.optim.epochs):
