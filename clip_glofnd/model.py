@@ -205,3 +205,18 @@ def create_model(model: str, pretrained: str | None = None, *, device: str = "cp
     if lock_text:
         clip.lock_text_tower()
     return clip, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except that every submodule whose parameters are all frozen — a tower locked with
+    --lock-image / --lock-text — runs in eval mode: a locked tower is a fixed function, so its dropout (an HF text
+    tower such as MiniLM has 0.1) stays off and its BatchNorm statistics (RN50) stay as loaded. open_clip's own
+    trainer leaves them in train mode; for its built-in transformer towers (no dropout, no BatchNorm) that is the
+    same thing. Returns the model."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
+

@@ -35,6 +35,7 @@ from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import UsageError
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+from clip_glofnd.model import train_mode
 from clip_glofnd.warmup import warm_up_state
 
 logger = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _optimizer_step(parts: Parts) -> None:
 def run_epoch(parts: Parts, loader: Any, state: Progress, log: RunLogger, total_steps: int) -> dict[str, float]:
     """Train one epoch; per-step JSONL records; returns epoch means of loss, filtered fractions, filter precision."""
     cfg, dist = parts.cfg, parts.dist
-    parts.model.train()
+    train_mode(parts.model)                                                  # locked towers stay in eval mode
     means = _RunningMeans()
     bar = progress(loader, total=loader.num_batches, enabled=is_main(dist), desc=f"epoch {state.epoch + 1}")
     tick = time.perf_counter()

@@ -71,3 +71,17 @@ def test_make_digits_minilm_writes_data_and_a_recipe_train_accepts(tmp_path: Pat
         RECIPE["batch_size"], RECIPE["epochs"], RECIPE["lr"], RECIPE["warmup"])
     assert cfg.data.train_data == str(out / "train" / "{00000..00011}.tar")
     assert cfg.run.zeroshot_data == (str(out / "wds" / "digits_cls"),) and cfg.run.eval_every == RECIPE["epochs"]
+
+
+def test_locked_tower_trains_in_eval_mode(minilm: tuple) -> None:
+    """train_mode: the locked MiniLM tower is deterministic (dropout off) while the image tower trains."""
+    from clip_glofnd.model import train_mode
+    model, _, _, tokenizer = minilm
+    train_mode(model)
+    assert model.visual.training and not model.text.training
+    assert not any(m.training for m in model.text.modules())
+    tokens = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), model.encode_text(tokens), rtol=0, atol=0)
+        model.train()                                                   # open_clip's own: dropout on, outputs vary
+        assert not torch.equal(model.encode_text(tokens), model.encode_text(tokens))

@@ -122,3 +122,12 @@ def test_lock_flags_freeze_the_right_towers(lock_image: bool, lock_text: bool) -
         frozen = (lock_image and name.startswith("visual.")) or (lock_text and name.startswith(TEXT_PARTS))
         assert param.requires_grad != frozen, name
     assert model.logit_scale.requires_grad                                           # temperature stays trainable
+
+
+def test_train_mode_keeps_locked_towers_in_eval_mode() -> None:
+    from clip_glofnd.model import train_mode
+    model = create_model("clip-tiny", lock_image=True)[0]
+    train_mode(model)
+    assert not any(m.training for m in model.visual.modules())                 # locked: eval
+    assert model.training and model.transformer.training and model.token_embedding.training
+    assert all(m.training for m in train_mode(create_model("clip-tiny")[0].eval()).modules())   # nothing locked
