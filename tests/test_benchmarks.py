@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import memory, overhead  # noqa: E402
+from benchmarks import glofnd_init, memory, overhead  # noqa: E402
 
 FLOAT32, INT32, INT64 = 4, 4, 8                         # bytes per element, by definition of the dtypes
 GLOFND_ROW = 3 * FLOAT32 + INT32                        # λ, m, v float32 + steps int32, one anchor modality
@@ -81,6 +81,30 @@ def test_memory_quick_matches_dtype_sizes(tmp_path: Path) -> None:
         assert row["row_bytes"] == INT64 + 2 * GLOFND_ROW + expected_loss[row["loss"]]
         assert row["send_bytes"] == row["batch"] * row["row_bytes"]
         assert row["recv_bytes_w2"] == 2 * row["send_bytes"]
+
+
+def test_glofnd_init_global_errors_by_hand() -> None:
+    """3 anchors, 3 candidates (diagonal = positives): f_i = share of the 2 negatives above λ_i."""
+    import torch
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.6], [0.3, 0.4, 0.7]])
+    lam = torch.tensor([0.4, 0.7, 0.0])                                      # f = 1/2, 0, 1
+    out = glofnd_init.global_errors(sim, lam, target=torch.tensor([0.4, 0.5, 0.3]), alpha=0.5)
+    assert out["rel_err_median"] == pytest.approx(1.0)                       # |f − α| / α = 0, 1, 1
+    assert out["lam_err_median"] == pytest.approx(0.2) and out["filtered_mean"] == pytest.approx(0.5)
+
+
+def test_glofnd_init_quick(tmp_path: Path) -> None:
+    """The warm start filters about α of the global negatives after one epoch, λ = 1 filters nothing yet."""
+    out = tmp_path / "glofnd_init.json"
+    assert glofnd_init.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "glofnd_init" and MACHINE_KEYS - {"device", "device_name"} <= set(r["machine"])
+    assert (out.parent / "glofnd_init.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one, quantile = (next(row for row in r["summary"] if row["init"] == init) for init in ("one", "quantile"))
+    alpha = r["settings"]["alphas"][0]
+    assert one["rel_err_median@1"] == 1.0 and one["filtered_mean@1"] < 0.01
+    assert quantile["rel_err_median@1"] < 0.6 and abs(quantile["filtered_mean@1"] - alpha) < 0.5 * alpha
+    assert len(r["runs"]) == 2 and len(r["runs"][0]["per_epoch"]) == r["settings"]["epochs"]
 
 
 @pytest.mark.parametrize("module", [overhead, memory], ids=["overhead", "memory"])

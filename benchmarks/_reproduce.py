@@ -1,0 +1,398 @@
+"""Shared machinery of the small-scale reproductions (`reproduce_digits`, `reproduce_lit_digits`): does GloFND find
+the false negatives, and does dropping them help the model within a training budget?
+
+For one test bed (data + model + recipe) `clip-glofnd train` runs, in this process and one after the other, with
+each loss of --losses and each filter: `none`, the mini-batch quantile baseline `fnd`, GloFND with the paper's start
+λ = 1 (`glofnd-one`) and with the warm start (`glofnd-quantile`, `--fnd-init quantile`), and the label `oracle`;
+for several seeds at the same budget (epochs, batch, lr, masking from the same epoch, the same α for fnd and GloFND).
+Per run, from the trainer's own metrics.jsonl:
+- zero-shot top-1 and retrieval R@1 both ways on the bed's held-out sets, evaluated after the last epoch;
+- the filter against the labels (same class = true false negative): the per-step counts the trainer logs
+  (`fn_true_*`, `fn_false_*`, `fn_present_*`, per anchor modality) summed over the masking epochs, both modalities
+  pooled: precision = true / filtered, recall = true / same-class negatives present, F1;
+- the filtered fraction of negatives per epoch (against α), λ over training (GloFND), wall time.
+
+The summary is mean ± std over seeds per (loss, filter), and the issue's targets are checked per loss for both GloFND
+starts: filtered fraction within ×1.5 of α in every masking epoch (mean over seeds); FN F1 ≥ fnd's + 0.10; zero-shot
+acc1 not below no filter by more than one std (of no filter's seeds) and closing at least half of the none → oracle
+gap (when the oracle is ahead). Results are written as measured, targets met or not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _common
+
+LOSSES = ("clip", "sogclr")
+VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
+            "glofnd-one": ["--fnd", "glofnd", "--fnd-init", "one"],
+            "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"]}
+GLOFND = ("glofnd-one", "glofnd-quantile")
+MODALITIES = ("img", "txt")
+COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3"}
+
+
+@dataclass
+class Bed:
+    """A test bed: its data (train pattern, eval folders) and the training recipe every run shares."""
+
+    name: str
+    train: str                                  # shard pattern
+    zeroshot: str                               # CLIP_benchmark classification folder
+    retrieval: str | None                       # CLIP_benchmark retrieval folder (None: not evaluated)
+    flags: list[str] = field(default_factory=list)     # model, batch, epochs, lr, ... (all but loss / filter / seed)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The flags every reproduction has (their defaults come from the bed's presets)."""
+    p.add_argument("--quick", action="store_true", help="1 seed, 1 short epoch (CI)")
+    p.add_argument("--data", help="the bed's data folder; built in a temporary folder if unset or missing")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds")
+    p.add_argument("--epochs", type=int, help="epochs per run")
+    p.add_argument("--batch-size", type=int, help="batch size")
+    p.add_argument("--lr", type=float, help="model learning rate")
+    p.add_argument("--warmup", type=int, help="lr warmup steps")
+    p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: the whole training set)")
+    p.add_argument("--alpha", type=float, help="α of fnd and GloFND")
+    p.add_argument("--fnd-lr", type=float, help="Adam step of λ")
+    p.add_argument("--mask-start-epoch", type=int, help="every filter masks from this epoch on (0-based)")
+    p.add_argument("--losses", nargs="+", choices=LOSSES, help=f"default: {' '.join(LOSSES)}")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(VARIANTS)}")
+    p.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=None,
+                   help="skip the retrieval evaluation (R@1 left empty)")
+    p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--output", type=Path, help="JSON result; the PNGs go beside it (<stem>_*.png)")
+
+
+def apply_preset(ns: argparse.Namespace, presets: dict[str, dict[str, Any]], p: argparse.ArgumentParser) -> None:
+    """Unset flags take the preset (full, or quick with --quick); sanity checks."""
+    defaults = {"losses": list(LOSSES), "variants": list(VARIANTS), "retrieval": True}
+    for key, value in {**defaults, **presets["quick" if ns.quick else "full"]}.items():
+        if getattr(ns, key, None) is None:
+            setattr(ns, key, value)
+    if ns.epochs < 1 or ns.batch_size < 1 or not ns.seeds:
+        p.error("--epochs and --batch-size must be >= 1; --seeds needs at least one value")
+    if not 0 <= ns.mask_start_epoch < ns.epochs:
+        p.error(f"--mask-start-epoch must be in [0, --epochs); got {ns.mask_start_epoch}")
+
+
+# --------------------------------------------------------------------------------------------------------- runs
+def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: int, logs: Path, name: str
+               ) -> list[str]:
+    """`clip-glofnd train` flags of one run (eval on the held-out sets after the last epoch only)."""
+    argv = ["train", "--train-data", bed.train, *bed.flags, "--batch-size", str(ns.batch_size),
+            "--epochs", str(ns.epochs), "--lr", str(ns.lr), "--warmup", str(ns.warmup), "--seed", str(seed),
+            "--loss", loss, *VARIANTS[variant], "--fnd-alpha", str(ns.alpha), "--fnd-lr", str(ns.fnd_lr),
+            "--fnd-start-epoch", "0", "--fnd-mask-start-epoch", str(ns.mask_start_epoch),
+            "--zeroshot-data", bed.zeroshot, *(["--retrieval-data", bed.retrieval] if bed.retrieval else []),
+            "--eval-every", str(ns.epochs),
+            "--save-frequency", "0", "--logs", str(logs), "--name", name]
+    if loss != "clip":
+        argv += ["--loss-gamma-decay-epochs", str(ns.epochs)]                   # γ reaches its floor in the budget
+    if ns.train_num_samples:
+        argv += ["--train-num-samples", str(ns.train_num_samples)]
+    return argv
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, None when den is 0 (precision of a filter that dropped nothing)."""
+    return num / den if den else None
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    """Harmonic mean; 0 when nothing true was found (recall 0, even if nothing was filtered: precision undefined);
+    None when there was nothing to find."""
+    if recall is None:
+        return None
+    if recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def fn_scores(steps: list[dict[str, Any]], modalities: Sequence[str] = MODALITIES) -> dict[str, Any]:
+    """Precision, recall, F1 of the filter from summed per-step counts (the given modalities pooled); a step without
+    counts (no filter: the trainer logs none) counts 0."""
+    true = sum(r.get(f"fn_true_{m}", 0) for r in steps for m in modalities)
+    false = sum(r.get(f"fn_false_{m}", 0) for r in steps for m in modalities)
+    present = sum(r.get(f"fn_present_{m}", 0) for r in steps for m in modalities)
+    precision, recall = _ratio(true, true + false), _ratio(true, present)
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "true": true, "false": false,
+            "present": present}
+
+
+def _eval_value(record: dict[str, Any], prefix: str, suffix: str) -> float | None:
+    """The first metric named prefix/.../suffix in an evaluation record (None if not evaluated)."""
+    return next((v for k, v in record.items() if k.startswith(prefix) and k.endswith(suffix)), None)
+
+
+def _filtered(step: dict[str, Any]) -> float:
+    """Fraction of negatives filtered in one step, both anchor modalities averaged (0 without a filter)."""
+    return (step.get("filtered_img", 0.0) + step.get("filtered_txt", 0.0)) / 2
+
+
+def run_metrics(records: list[dict[str, Any]], mask_start_epoch: int) -> dict[str, Any]:
+    """One run's numbers from its metrics.jsonl (training steps only; state warm-up records are skipped)."""
+    training = [r for r in records if "phase" not in r]
+    steps = list({r["step"]: r for r in training if "loss" in r}.values())             # last record per step
+    evals = [r for r in training if any(k.startswith("zeroshot/") for k in r)]
+    if not steps or not evals:
+        raise RuntimeError("metrics.jsonl lacks training steps or the final evaluation")
+    masked = [r for r in steps if r["epoch"] >= mask_start_epoch]
+    epochs = sorted({r["epoch"] for r in steps})
+    out: dict[str, Any] = {
+        "zeroshot_acc1": _eval_value(evals[-1], "zeroshot/", "/acc1"),
+        "r1_t2i": _eval_value(evals[-1], "retrieval/", "/image_retrieval_recall@1"),    # text query -> image
+        "r1_i2t": _eval_value(evals[-1], "retrieval/", "/text_retrieval_recall@1"),     # image query -> text
+        "fn": fn_scores(masked), **{f"fn_{m}": fn_scores(masked, [m]) for m in MODALITIES},
+        "fn_per_epoch": [{"epoch": e, **fn_scores([r for r in steps if r["epoch"] == e])} for e in epochs],
+        "filtered_per_epoch": [statistics.mean(_filtered(r) for r in steps if r["epoch"] == e) for e in epochs],
+        "filtered_frac": statistics.mean(_filtered(r) for r in masked) if masked else 0.0,
+        "last_epoch_loss": [r for r in training if "epoch_loss" in r][-1]["epoch_loss"],
+        "epoch_loss": [r["epoch_loss"] for r in training if "epoch_loss" in r], "steps": len(steps)}
+    if "lam_img_p50" in steps[0]:
+        out["lambda_trace"] = {key: [r[key] for r in steps] for key in
+                               (f"lam_{m}_p{p}" for m in MODALITIES for p in (10, 50, 90))}
+    return out
+
+
+def run_name(loss: str, variant: str, seed: int) -> str:
+    """Run folder name."""
+    return f"{loss}-{variant}-s{seed}"
+
+
+def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str, seed: int) -> dict[str, Any]:
+    """One training run, its settings and its numbers."""
+    from clip_glofnd import cli
+    from clip_glofnd.logger import read_jsonl
+    name = run_name(loss, variant, seed)
+    argv = train_argv(ns, bed, loss, variant, seed, logs, name)
+    began = time.perf_counter()
+    code = cli.main(argv)
+    wall = time.perf_counter() - began
+    if code != 0:
+        raise RuntimeError(f"run {name} failed with exit code {code}: clip-glofnd {' '.join(argv)}")
+    metrics = run_metrics(read_jsonl(logs / name / "metrics.jsonl"), ns.mask_start_epoch)
+    return {"loss": loss, "variant": variant, "seed": seed, "name": name, "command": "clip-glofnd " + " ".join(argv),
+            "wall_s": wall, "loadavg_1min_after": os.getloadavg()[0], **metrics}
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the defined values (std 0 for one value; None for none)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None
+    return statistics.mean(defined), statistics.stdev(defined) if len(defined) > 1 else 0.0
+
+
+SUMMARY_KEYS: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "zeroshot_acc1": lambda r: r["zeroshot_acc1"], "r1_t2i": lambda r: r["r1_t2i"], "r1_i2t": lambda r: r["r1_i2t"],
+    "fn_precision": lambda r: r["fn"]["precision"], "fn_recall": lambda r: r["fn"]["recall"],
+    "fn_f1": lambda r: r["fn"]["f1"], "filtered_frac": lambda r: r["filtered_frac"], "wall_s": lambda r: r["wall_s"]}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (loss, variant), plus the per-epoch filtered fraction (mean over seeds)."""
+    rows = []
+    for loss in LOSSES:
+        for variant in VARIANTS:
+            mine = [r for r in runs if r["loss"] == loss and r["variant"] == variant]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"loss": loss, "variant": variant, "seeds": [r["seed"] for r in mine]}
+            for key, get in SUMMARY_KEYS.items():
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std([get(r) for r in mine])
+            row["filtered_per_epoch"] = [statistics.mean(v) for v in zip(*(r["filtered_per_epoch"] for r in mine))]
+            rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> list[dict[str, Any]]:
+    """The issue's targets per (loss, GloFND start), each with its numbers and met / not met (None: not measurable)."""
+    out = []
+    for loss in LOSSES:
+        by = {row["variant"]: row for row in rows if row["loss"] == loss}
+        for variant in (v for v in GLOFND if v in by):
+            row = by[variant]
+            fracs = row["filtered_per_epoch"][mask_start_epoch:]
+            item: dict[str, Any] = {"loss": loss, "variant": variant, "filtered_per_masking_epoch": fracs,
+                                    "filtered_within_1.5x": all(alpha / 1.5 <= f <= 1.5 * alpha for f in fracs)}
+            if "fnd" in by and row["fn_f1_mean"] is not None and by["fnd"]["fn_f1_mean"] is not None:
+                item["fn_f1_minus_fnd"] = row["fn_f1_mean"] - by["fnd"]["fn_f1_mean"]
+                item["fn_f1_10_points_over_fnd"] = item["fn_f1_minus_fnd"] >= 0.10
+            if "none" in by:
+                none = by["none"]
+                item["acc1_minus_none"] = row["zeroshot_acc1_mean"] - none["zeroshot_acc1_mean"]
+                item["acc1_within_1_std_of_none"] = item["acc1_minus_none"] >= -none["zeroshot_acc1_std"]
+                if "oracle" in by:
+                    gap = by["oracle"]["zeroshot_acc1_mean"] - none["zeroshot_acc1_mean"]
+                    item["oracle_gap"] = gap
+                    item["closes_half_of_oracle_gap"] = item["acc1_minus_none"] >= gap / 2 if gap > 0 else None
+            out.append(item)
+    return out
+
+
+def table(rows: list[dict[str, Any]], alpha: float) -> str:
+    """Markdown table of the summary: mean ± std per column ('—' where undefined, e.g. precision of no filter)."""
+    columns = [("zeroshot_acc1", "zero-shot acc1", 100), ("r1_t2i", "R@1 t→i", 100), ("r1_i2t", "R@1 i→t", 100),
+               ("fn_precision", "FN precision", 100), ("fn_recall", "FN recall", 100), ("fn_f1", "FN F1", 100),
+               ("filtered_frac", "filtered %", 100), ("wall_s", "wall s", 1)]
+    lines = ["| loss | filter | α | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, scale in columns:
+            mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+            cells.append("—" if mean is None else f"{mean * scale:.1f} ± {std * scale:.1f}")
+        shown = f"{alpha:g}" if row["variant"] in ("fnd", *GLOFND) else "—"
+        lines.append(f"| {row['loss']} | {row['variant']} | {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(items: list[dict[str, Any]]) -> list[str]:
+    """One line per (loss, GloFND start): each target's number and met / missed."""
+    def mark(value: bool | None) -> str:
+        return "n/a" if value is None else ("met" if value else "MISSED")
+    lines = []
+    for t in items:
+        fracs = ", ".join(f"{100 * f:.1f}%" for f in t["filtered_per_masking_epoch"])
+        text = f"{t['loss']} {t['variant']}: filtered per masking epoch [{fracs}] {mark(t['filtered_within_1.5x'])}"
+        if "fn_f1_minus_fnd" in t:
+            text += f"; FN F1 − fnd {100 * t['fn_f1_minus_fnd']:+.1f} pts {mark(t['fn_f1_10_points_over_fnd'])}"
+        if "acc1_minus_none" in t:
+            text += f"; acc1 − none {100 * t['acc1_minus_none']:+.1f} pts {mark(t['acc1_within_1_std_of_none'])}"
+        if "oracle_gap" in t:
+            text += f"; oracle gap {100 * t['oracle_gap']:+.1f} pts, half closed {mark(t['closes_half_of_oracle_gap'])}"
+        lines.append(text)
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+def _runs_of(runs: list[dict[str, Any]], loss: str, variant: str) -> list[dict[str, Any]]:
+    """Runs of (loss, variant), by seed."""
+    return sorted((r for r in runs if r["loss"] == loss and r["variant"] == variant), key=lambda r: r["seed"])
+
+
+def _figure(panels: int, height: float = 4.0) -> Any:
+    from matplotlib.figure import Figure                                   # Agg canvas, no pyplot global state
+    return Figure(figsize=(5.5 * panels, height), dpi=100)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_filtered(path: Path, rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> Path:
+    """PNG: fraction of negatives filtered per epoch (mean over seeds) for every filter, against α and ×1.5 of it."""
+    from matplotlib.ticker import MaxNLocator
+    losses = [loss for loss in LOSSES if any(r["loss"] == loss for r in rows)]
+    fig = _figure(len(losses))
+    for i, loss in enumerate(losses):
+        ax = fig.add_subplot(1, len(losses), i + 1)
+        for row in (r for r in rows if r["loss"] == loss and r["variant"] != "none"):
+            fracs = row["filtered_per_epoch"]
+            ax.plot(range(1, len(fracs) + 1), [100 * f for f in fracs], marker="o", color=COLORS[row["variant"]],
+                    label=row["variant"])
+        ax.axhline(100 * alpha, color="k", lw=1, label=f"α = {alpha:g}")
+        ax.axhspan(100 * alpha / 1.5, 150 * alpha, color="k", alpha=0.08, lw=0, label="within ×1.5 of α")
+        ax.axvline(mask_start_epoch + 0.5, color="k", ls=":", lw=1, label="masking starts")
+        ax.set(title=f"{loss}: negatives filtered per epoch (mean of seeds)", xlabel="epoch", ylabel="filtered %",
+               ylim=(0, None))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_lambda(path: Path, runs: list[dict[str, Any]], epochs: int, mask_start_epoch: int) -> Path | None:
+    """PNG: median λ of each step's anchors over training, both GloFND starts (first seed; band p10–p90), per loss."""
+    losses = [loss for loss in LOSSES if any(_runs_of(runs, loss, v) for v in GLOFND)]
+    if not losses:
+        return None
+    fig = _figure(len(losses))
+    for i, loss in enumerate(losses):
+        ax = fig.add_subplot(1, len(losses), i + 1)
+        for variant in GLOFND:
+            mine = _runs_of(runs, loss, variant)
+            if not mine:
+                continue
+            run, color = mine[0], COLORS[variant]
+            x = [(step + 1) * epochs / run["steps"] for step in range(run["steps"])]        # epochs done
+            for m, style in (("img", "-"), ("txt", "--")):
+                ax.plot(x, run["lambda_trace"][f"lam_{m}_p50"], style, color=color, lw=1.2,
+                        label=f"{variant}, {m} anchors")
+            ax.fill_between(x, run["lambda_trace"]["lam_img_p10"], run["lambda_trace"]["lam_img_p90"], color=color,
+                            alpha=0.12, lw=0)
+        ax.axvline(mask_start_epoch, color="k", ls=":", label="masking starts")
+        ax.set(title=f"{loss}: λ of each step's anchors (median, band p10–p90 image; seed {run['seed']})",
+               xlabel="epochs of training", ylabel="threshold λ (cosine)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_fn(path: Path, runs: list[dict[str, Any]]) -> Path | None:
+    """PNG: the filters' precision and recall against the labels per epoch (mean ± std over seeds)."""
+    from matplotlib.ticker import MaxNLocator
+    shown = ("fnd", *GLOFND)
+    losses = [loss for loss in LOSSES if any(_runs_of(runs, loss, v) for v in shown)]
+    if not losses:
+        return None
+    fig = _figure(len(losses), height=6.0)
+    for col, loss in enumerate(losses):
+        for row, metric in enumerate(("precision", "recall")):
+            ax = fig.add_subplot(2, len(losses), row * len(losses) + col + 1)
+            for variant in shown:
+                mine = _runs_of(runs, loss, variant)
+                if not mine:
+                    continue
+                stats = [mean_std(values) for values in zip(*([e[metric] for e in r["fn_per_epoch"]] for r in mine))]
+                points = [(e + 1, m, s) for e, (m, s) in enumerate(stats) if m is not None]
+                if points:
+                    x, means, stds = zip(*points)
+                    ax.errorbar(x, means, yerr=stds, color=COLORS[variant], marker="o", capsize=3, label=variant)
+            ax.set(title=f"{loss}: false-negative {metric} (same class)", xlabel="epoch", ylabel=metric,
+                   ylim=(0, 1.02))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def run_benchmark(ns: argparse.Namespace, bed: Bed, benchmark: str, argv: Sequence[str], logs: Path,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    """Every (seed, loss, filter) run, seed-major (load drift hits every filter alike); JSON, PNGs, printed table."""
+    import torch
+    machine = _common.machine_info(torch.device("cpu"))
+    began = time.perf_counter()
+    runs = [do_run(ns, bed, logs, loss, variant, seed)
+            for seed in ns.seeds for loss in ns.losses for variant in ns.variants]
+    rows = summarize(runs)
+    checks = targets(rows, ns.alpha, ns.mask_start_epoch)
+    stem = str(ns.output.with_suffix(""))
+    pngs = [plot_filtered(Path(f"{stem}_filtered.png"), rows, ns.alpha, ns.mask_start_epoch),
+            plot_lambda(Path(f"{stem}_lambda.png"), runs, ns.epochs, ns.mask_start_epoch),
+            plot_fn(Path(f"{stem}_fn.png"), runs)]
+    result = {"benchmark": benchmark, "command": _common.command_line(f"benchmarks.{benchmark}", argv),
+              "machine": _common.finish_info(machine), "wall_s": time.perf_counter() - began,
+              "settings": {"seeds": ns.seeds, "epochs": ns.epochs, "batch_size": ns.batch_size, "lr": ns.lr,
+                           "warmup": ns.warmup, "alpha": ns.alpha, "fnd_lr": ns.fnd_lr,
+                           "mask_start_epoch": ns.mask_start_epoch, "losses": ns.losses, "variants": ns.variants,
+                           "retrieval": ns.retrieval,
+                           "train_flags": bed.flags, **settings},
+              "summary": rows, "targets": checks, "runs": runs, "plots": [p.name for p in pngs if p is not None]}
+    _common.write_json(ns.output, result)
+    print(table(rows, ns.alpha))
+    print("\n".join(target_lines(checks)))
+    print(f"wall {result['wall_s']:.0f} s   under load: {result['machine']['under_load']}")
+    print(f"wrote {ns.output}" + "".join(f", {p}" for p in pngs if p is not None))
+    return result
