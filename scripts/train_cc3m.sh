@@ -4,6 +4,7 @@
 # 0.2 over 18 epochs, 3,318,333 samples (id space), fp16 AMP.
 #   LOSS=fastclip (default): FastCLIP-v3 (tau0 0.07, rho 6.5, lr_tau 2e-4) + GloFND alpha 1e-3 from epoch 20
 #   LOSS=sogclr:             SogCLR / FastCLIP-v1 (tau 0.03)              + GloFND alpha 5e-4 from epoch 15
+#   lambda starts at 1 as in the paper (--fnd-init one; the trainer's default is the warm start, quantile)
 #
 # Usage: scripts/train_cc3m.sh [-h|--help] [EXTRA clip-glofnd train FLAGS ...]
 #   torchrun on one node:  GPUS=8 scripts/train_cc3m.sh
@@ -42,7 +43,7 @@ case $LOSS in
 esac
 ARGS=(train --train-data "$DATA" --num-samples 3318333 --model RN50 --batch-size $((1024 / WORLD))
       --epochs 37 --lr 1e-3 --wd 0.1 --warmup 10000 --precision amp
-      --loss-gamma-min 0.2 --loss-gamma-decay-epochs 18 "${LOSS_FLAGS[@]}"
+      --loss-gamma-min 0.2 --loss-gamma-decay-epochs 18 "${LOSS_FLAGS[@]}" --fnd-init one
       --workers "$WORKERS" --logs "$LOGS" --name "$NAME" --resume latest --save-frequency 1 "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     exec python -m clip_glofnd.cli "${ARGS[@]}" --dry-run

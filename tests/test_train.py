@@ -40,7 +40,7 @@ def argv(digits: Path, model: str, logs: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("loss", ["clip", "sogclr", "fastclip"])
 def test_tiny_run_with_glofnd(loss: str, digits_dir: Path, micro_model: str, tmp_path: Path) -> None:
     """One epoch runs; JSONL, config, checkpoints and λ plot appear; exactly the samples seen have learned λ / u."""
-    init = ["--fnd-init", "quantile"] if loss == "fastclip" else []                # warm start: same contract
+    init = ["--fnd-init", "quantile" if loss == "fastclip" else "one"]         # both starts: same contract
     rc = cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "run", "--loss", loss, "--fnd", "glofnd",
                        "--fnd-alpha", "0.05", "--fnd-lr", "0.2", *init))
     assert rc == 0

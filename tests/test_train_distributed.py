@@ -39,7 +39,7 @@ def _argv(digits: Path, model: str, logs: Path, batch_size: int, epochs: int, *e
     return ["train", "--train-data", str(digits / "train" / "{00000..00011}.tar"), "--train-num-samples",
             str(SAMPLES), "--model", model, "--batch-size", str(batch_size), "--epochs", str(epochs), "--lr", "1e-3",
             "--warmup", "1", "--workers", "0", "--logs", str(logs), "--name", "run", "--loss", "sogclr",
-            "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2", *extra]
+            "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2", "--fnd-init", "one", *extra]
 
 
 def _free_port() -> int:
