@@ -15,8 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("clip_glofnd.evaluate:main", "zero-shot classification and retrieval of a checkpoint"),
     "make-digits": ("clip_glofnd.shards:make_digits_main",
                     "write scikit-learn's handwritten digits as WebDataset shards (the embedded data set)"),
+    "make-digits-minilm": ("clip_glofnd.digits_minilm:make_digits_minilm_main",
+                           "the digits + a frozen MiniLM text tower recipe: a bed where false negatives matter"),
     "make-shards": ("clip_glofnd.shards:make_shards_main", "pack a folder of images + a CSV/TSV of captions into shards"),
     "check-shards": ("clip_glofnd.shards:check_shards_main", "count samples, id range and holes of a shard pattern"),
+    "compare": ("clip_glofnd.compare:main", "one table of finished runs side by side (accuracy, recall, filter vs labels)"),
 }
 
 

@@ -24,7 +24,7 @@ SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.sh") if re.search(r"clip-
                                                                          p.read_text()))
 # environment each script needs for a dry run, and the variants it offers
 SCRIPT_RUNS = {
-    "demo.sh": [{}],
+    "demo.sh": [{}, {"ORACLE": "1"}],
     "train_cc3m.sh": [{"LOSS": "fastclip"}, {"LOSS": "sogclr", "GPUS": "4"},
                       {"LAUNCH": "srun", "SLURM_NTASKS": "16"}],
     "train_cc12m.sh": [{"LOSS": "fastclip"}, {"LOSS": "sogclr", "LAUNCH": "srun", "SLURM_NTASKS": "32"}],
@@ -100,6 +100,18 @@ def test_script_command_parses_with_dry_run(script: str, env: dict[str, str]) ->
     result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=environ)
     assert result.returncode == 0, result.stderr
     assert re.search(r'^train_data: "', result.stdout, flags=re.M), result.stdout
+
+
+def test_demo_dry_runs_every_run_it_compares() -> None:
+    """The demo trains no filter and GloFND (and the oracle with ORACLE=1) with the same seed and recipe."""
+    environ = {**os.environ, "DRY_RUN": "1", "ORACLE": "1", "OUT": "/tmp/elsewhere",
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--seed", "3"], capture_output=True,
+                            text=True, timeout=60, env=environ)
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r'^fnd: "(\w+)"', result.stdout, flags=re.M) == ["none", "glofnd", "oracle"]
+    assert re.findall(r"^seed: (\d+)", result.stdout, flags=re.M) == ["3", "3", "3"]
+    assert re.findall(r'^logs: "(.*)"', result.stdout, flags=re.M) == ["/tmp/elsewhere/logs"] * 3
 
 
 @pytest.mark.parametrize("script", list(SCRIPT_RUNS))

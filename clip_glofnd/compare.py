@@ -1,0 +1,95 @@
+"""`clip-glofnd compare RUN_DIR ...`: one table of finished runs, side by side, read from their metrics.jsonl.
+
+Per run: the filter (--fnd, and --fnd-init for GloFND), the last evaluation's zero-shot acc1 and retrieval R@1 (text →
+image, image → text), and over the epochs in which masks were on: the fraction of negatives filtered, and — when
+the shards carry class labels — the filter's precision and recall against them (same class = true false negative,
+from the trainer's per-step counts fn_true / fn_false / fn_present, both anchor modalities pooled). For GloFND, the
+median λ of the samples seen after the last epoch, and α. Stdlib only: it reads JSON lines and config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clip_glofnd.errors import UsageError
+
+MODALITIES = ("img", "txt")
+COLUMNS = (("run", "{}"), ("filter", "{}"), ("acc1", "{:.3f}"), ("R@1 t→i", "{:.3f}"), ("R@1 i→t", "{:.3f}"),
+           ("filtered", "{:.1%}"), ("FN precision", "{:.2f}"), ("FN recall", "{:.2f}"), ("λ median", "{:.3f}"),
+           ("α", "{:g}"))
+
+
+def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(flat config, metrics records) of a run folder; UsageError naming the missing file."""
+    config_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    for path in (config_file, metrics_file):
+        if not path.is_file():
+            raise UsageError(f"{path}: not found; pass run folders written by clip-glofnd train (<logs>/<name>)")
+    config = {}
+    for line in config_file.read_text().splitlines():         # config.yaml is "key: <json value>" per line
+        key, _, value = line.partition(": ")
+        config[key] = json.loads(value)
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return config, [r for r in records if "phase" not in r]  # training only (not the state warm-up)
+
+
+def _last(records: list[dict[str, Any]], suffix: str, prefix: str) -> float | None:
+    """The last logged value of a metric named prefix…suffix."""
+    for record in reversed(records):
+        for key, value in record.items():
+            if key.startswith(prefix) and key.endswith(suffix):
+                return value
+    return None
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    """The table's row of one run folder (None where not measured)."""
+    config, records = _read(Path(run_dir))
+    variant = config.get("fnd", "none")
+    mask_start = config.get("fnd_mask_start_epoch")
+    mask_start = config.get("fnd_start_epoch", 0) if mask_start is None else mask_start
+    steps = list({r["step"]: r for r in records if "loss" in r and "epoch" in r}.values())   # last line per step
+    masked = [r for r in steps if r["epoch"] >= mask_start] if variant != "none" else []
+    sums = {kind: sum(r.get(f"fn_{kind}_{m}", 0) for r in masked for m in MODALITIES)
+            for kind in ("true", "false", "present")}
+    labelled = any("fn_present_img" in r for r in masked)
+    filtered = [(r.get("filtered_img", 0) + r.get("filtered_txt", 0)) / 2 for r in masked]
+    lam = [_last(records, "_p50", f"lam_{m}_seen") for m in MODALITIES]
+    return {
+        "run": Path(run_dir).name,
+        "filter": f"{variant} ({config.get('fnd_init', 'one')})" if variant == "glofnd" else variant,
+        "acc1": _last(records, "/acc1", "zeroshot/"),
+        "R@1 t→i": _last(records, "/image_retrieval_recall@1", "retrieval/"),
+        "R@1 i→t": _last(records, "/text_retrieval_recall@1", "retrieval/"),
+        "filtered": sum(filtered) / len(filtered) if filtered else (0.0 if variant == "none" else None),
+        "FN precision": sums["true"] / (sums["true"] + sums["false"]) if labelled and sums["true"] + sums["false"]
+        else None,
+        "FN recall": sums["true"] / sums["present"] if labelled and sums["present"] else None,
+        "λ median": sum(lam) / 2 if variant == "glofnd" and None not in lam else None,
+        "α": config.get("fnd_alpha") if variant in ("glofnd", "fnd") else None,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Aligned plain-text table; '—' where a value was not measured."""
+    cells = [[name for name, _ in COLUMNS]]
+    cells += [["—" if row[name] is None else spec.format(row[name]) for name, spec in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def main(argv: Sequence[str]) -> int:
+    """`clip-glofnd compare RUN_DIR [RUN_DIR ...] [--json FILE]`."""
+    parser = argparse.ArgumentParser(prog="clip-glofnd compare", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (<logs>/<name>) of clip-glofnd train")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ns = parser.parse_args(list(argv))
+    rows = [summarize_run(Path(run)) for run in ns.runs]
+    print(format_table(rows))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
