@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bed = _reproduce.Bed("digits", data["train"], data["zeroshot"][0],
                              data["retrieval"][0] if ns.retrieval else None, FLAGS)
         _reproduce.run_benchmark(ns, bed, "reproduce_digits", argv, ns.runs_dir or Path(scratch) / "runs",
-                                 {"model": "clip-tiny", "train_num_samples": ns.train_num_samples or
-                                  data["num_samples"], "data": "digits (make_digits seed 0): 1,500 train, 297 held-out"})
+                                 {"model": "clip-tiny", "train_num_samples": ns.train_num_samples or data["num_samples"],
+                                  "data": "digits (make_digits seed 0): 1,500 train, 297 held-out"})
     return 0
 
 

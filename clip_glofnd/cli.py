@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                            "the digits + a frozen MiniLM text tower recipe: a bed where false negatives matter"),
     "make-shards": ("clip_glofnd.shards:make_shards_main", "pack a folder of images + a CSV/TSV of captions into shards"),
     "check-shards": ("clip_glofnd.shards:check_shards_main", "count samples, id range and holes of a shard pattern"),
-    "compare": ("clip_glofnd.compare:main", "one table of finished runs side by side (accuracy, recall, filter vs labels)"),
+    "compare": ("clip_glofnd.compare:main", "finished runs side by side: accuracy, recall, the filter against labels"),
 }
 
 

@@ -34,8 +34,8 @@ RECIPE: dict[str, Any] = {"model": MODEL, "lock_text": True, "batch_size": 32, "
 
 def recipe(summary: dict[str, Any]) -> dict[str, Any]:
     """The bed's `--config` values: the recipe plus the data paths of a make_digits summary."""
-    return {"train_data": summary["train"], "zeroshot_data": summary["zeroshot"], "retrieval_data": summary["retrieval"],
-            **RECIPE, "eval_every": RECIPE["epochs"]}
+    return {"train_data": summary["train"], "zeroshot_data": summary["zeroshot"],
+            "retrieval_data": summary["retrieval"], **RECIPE, "eval_every": RECIPE["epochs"]}
 
 
 def make_digits_minilm(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:

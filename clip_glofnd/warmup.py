@@ -15,8 +15,9 @@ recovers it with the model frozen before the first update. Here, N passes over t
   u): λ of image and text anchors learns whatever --fnd-start-epoch says (the warm-up is there to fill it), masks
   and u's rate γ are those of the first training epoch; then `distributed.sync_rows`, as in `train_step`. (TuneCLIP
   also recovers Adam's moments of the weights; that needs backward passes and is not done here.)
-- each pass is logged (metrics.jsonl records with "phase": "state_warmup") and checkpointed (epoch_latest.pt with
-  epoch 0, step 0 and data.warmup_epochs = passes done); a resume continues an unfinished warm-up at the next pass
+- each pass is logged (metrics.jsonl records with "phase": "state_warmup", lambda_warmup.png) and checkpointed
+  (epoch_latest.pt with epoch 0, step 0 and data.warmup_epochs = passes done); a resume continues an unfinished
+  warm-up at the next pass
   and never reruns one once training has started. The passes are not counted in --epochs, the lr schedule or
   samples_seen; each pass reads the data in its own order, seeded by (--seed, pass).
 """
@@ -33,7 +34,7 @@ import torch
 from clip_glofnd import distributed
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import is_main
-from clip_glofnd.logger import RunLogger, lambda_quantiles, progress
+from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,14 @@ def _pass_record(parts: Any, state: Any, warmup_epoch: int, steps: int, seconds:
     return record
 
 
+def _plot(parts: Any, run_dir: Path, passes: int) -> None:
+    """lambda_warmup.png: the λ distributions after the passes so far (GloFND only)."""
+    if parts.cfg.fnd.variant == "glofnd":
+        plot_lambda(run_dir / "lambda_warmup.png", parts.fnd_img.threshold, parts.fnd_img.steps > 0,
+                    parts.fnd_txt.threshold, parts.fnd_txt.steps > 0,
+                    title=f"{run_dir.name}: λ after {passes} state warm-up pass(es)")
+
+
 def warm_up_state(parts: Any, state: Any, run_dir: Path, log: RunLogger, make_loader: Callable[[int], Any],
                   save: Callable[[Any, Any, Path], None]) -> None:
     """Run the warm-up passes still to do (none once training has started), checkpointing after each with `save`.
@@ -124,6 +133,7 @@ def warm_up_state(parts: Any, state: Any, run_dir: Path, log: RunLogger, make_lo
             state.warmup_epochs = warmup_epoch + 1
             if is_main(parts.dist):
                 log.log(_pass_record(parts, state, warmup_epoch, steps, time.perf_counter() - tick))
+                _plot(parts, run_dir, state.warmup_epochs)
             save(parts, state, run_dir)
     finally:
         model.train(was_training)

@@ -108,7 +108,8 @@ def _row(variant: str, acc: float, acc_std: float, f1: float | None, fracs: list
 def test_targets_by_hand() -> None:
     """α 0.1, masks from epoch 1: the ×1.5 band is [0.0667, 0.15]; F1 +10 points; within one std; half the gap."""
     rows = [_row("none", 0.80, 0.02, 0.0, [0, 0, 0]), _row("fnd", 0.81, 0.01, 0.40, [0, .1, .1]),
-            _row("glofnd-one", 0.79, 0.03, 0.45, [0, .02, .12]), _row("glofnd-quantile", 0.85, 0.01, 0.51, [0, .1, .14]),
+            _row("glofnd-one", 0.79, 0.03, 0.45, [0, .02, .12]),
+            _row("glofnd-quantile", 0.85, 0.01, 0.51, [0, .1, .14]),
             _row("oracle", 0.88, 0.01, 1.0, [0, .1, .1])]
     one, quantile = _reproduce.targets(rows, alpha=0.1, mask_start_epoch=1)
     assert one["filtered_within_1.5x"] is False and quantile["filtered_within_1.5x"] is True   # 0.02 < 0.0667
