@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -179,7 +180,7 @@ def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str
     if code != 0:
         raise RuntimeError(f"run {name} failed with exit code {code}: clip-glofnd {' '.join(argv)}")
     metrics = run_metrics(read_jsonl(logs / name / "metrics.jsonl"), ns.mask_start_epoch)
-    return {"loss": loss, "variant": variant, "seed": seed, "name": name, "command": "clip-glofnd " + " ".join(argv),
+    return {"loss": loss, "variant": variant, "seed": seed, "name": name, "command": shlex.join(["clip-glofnd", *argv]),
             "wall_s": wall, "loadavg_1min_after": os.getloadavg()[0], **metrics}
 
 

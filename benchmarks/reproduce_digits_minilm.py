@@ -1,7 +1,8 @@
 """The claims on the bed where false negatives matter: digits with a frozen pretrained MiniLM text tower.
 
 Data and recipe: `clip-glofnd make-digits-minilm` (clip_glofnd/digits_minilm.py) — the digits set, clip-tiny's image
-tower against all-MiniLM-L6-v2 locked (--lock-text), 6 epochs, batch 32, lr 1e-3, 47 warmup steps. Filters, losses,
+tower against all-MiniLM-L6-v2 locked (--lock-text), no image augmentation, 6 epochs, batch 32, lr 1e-3, 47 warmup
+steps. Filters, losses,
 seeds, metrics and targets: benchmarks/_reproduce.py. α = 0.1 (the expected share of same-class negatives with 10
 balanced classes), λ step 0.1; every filter masks from the second epoch (0-based 1) on, once the model has left
 its initial plateau (in the first epoch with this recipe).
@@ -31,8 +32,8 @@ PRESETS = {
     "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alpha=0.1, fnd_lr=0.1, mask_start_epoch=0,
                   train_num_samples=64, losses=["clip"], variants=["none", "glofnd-quantile"], retrieval=False),
 }
-FLAGS = ["--model", RECIPE["model"], "--lock-text", "--wd", str(RECIPE["wd"]), "--precision", RECIPE["precision"],
-         "--workers", str(RECIPE["workers"])]
+FLAGS = ["--model", RECIPE["model"], "--lock-text", "--aug-cfg", *RECIPE["aug_cfg"], "--wd", str(RECIPE["wd"]),
+         "--precision", RECIPE["precision"], "--workers", str(RECIPE["workers"])]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

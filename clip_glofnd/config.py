@@ -27,9 +27,9 @@ from clip_glofnd.errors import UsageError
 Precision = Literal["fp32", "amp", "amp_bf16"]
 
 
-def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+def _opt(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
     """A dataclass field with its flag help (and an explicit flag name where it is not prefix + field name)."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
 
 
 class _Section:
@@ -91,12 +91,17 @@ class ModelConfig(_Section):
     pretrained: str | None = _opt(None, "OpenCLIP checkpoint file to start from (fine-tuning), or an OpenCLIP tag")
     lock_image: bool = _opt(False, "freeze the image tower (LiT)")
     lock_text: bool = _opt(False, "freeze the text tower")
+    aug_cfg: tuple[str, ...] = _opt((), "training image augmentation as OpenCLIP's --aug-cfg (open_clip "
+                                        "AugmentationCfg), e.g. scale='(1,1)' for none on square images (default: "
+                                        "open_clip's, a random resized crop of scale 0.9-1)", metavar="KEY=VALUE")
     precision: Precision = _opt("fp32", "fp32 (default; AMP fp16 on CPU is ~13x slower), amp (fp16 autocast + "
                                         "GradScaler, for GPUs), amp_bf16")
     device: str | None = _opt(None, "torch device (default: cuda:LOCAL_RANK if available, else cpu)")
 
     def __post_init__(self) -> None:
-        self._check((bool(self.model), "--model must not be empty"))
+        bad = [item for item in self.aug_cfg if "=" not in item]
+        self._check((bool(self.model), "--model must not be empty"),
+                    (not bad, f"--aug-cfg takes KEY=VALUE items (open_clip AugmentationCfg fields), got {bad}"))
 
 
 @dataclass(frozen=True)
@@ -293,7 +298,7 @@ def _add_argument(group: argparse._ArgumentGroup, cls: type[_Section], f: datacl
     elif choices:
         kwargs.update(choices=choices, metavar="|".join(choices))
     elif typing.get_origin(base) is tuple:
-        kwargs.update(nargs="+", metavar="DIR")
+        kwargs.update(nargs="+", metavar=f.metadata.get("metavar") or "DIR")
     else:
         kwargs.update(type=base, metavar=base.__name__.upper())
     group.add_argument(cls.flag(f), **kwargs)

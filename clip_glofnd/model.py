@@ -17,9 +17,9 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clip_glofnd.errors import UsageError
 
@@ -173,14 +173,36 @@ def _mismatch_error(name: str, path: str, error: Exception) -> UsageError:
                       f"trained with")
 
 
+def parse_aug_cfg(items: Sequence[str]) -> dict[str, Any]:
+    """OpenCLIP's --aug-cfg KEY=VALUE items as a dict (values through ast.literal_eval, else kept as strings);
+    UsageError for a key that open_clip's AugmentationCfg does not have."""
+    import ast
+    import dataclasses
+    from open_clip.transform import AugmentationCfg
+    known = {f.name for f in dataclasses.fields(AugmentationCfg)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise UsageError(f"--aug-cfg {item}: unknown key {key!r}; open_clip's AugmentationCfg has "
+                             f"{', '.join(sorted(known))}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def create_model(model: str, pretrained: str | None = None, *, device: str = "cpu", precision: str = "fp32",
-                 lock_image: bool = False, lock_text: bool = False) -> tuple[nn.Module, Callable, Callable, Callable]:
+                 lock_image: bool = False, lock_text: bool = False, aug_cfg: dict[str, Any] | None = None
+                 ) -> tuple[nn.Module, Callable, Callable, Callable]:
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip architecture, as open_clip builds them.
 
     Example: `model, _, preprocess, tokenizer = create_model("clip-tiny", "logs/run/checkpoints/epoch_3.pt")`.
     Without `pretrained` the weights are randomly initialised. A local file is loaded by open_clip itself
     (`create_model_and_transforms(name, pretrained=path)`, strict, weights_only), exactly as CLIP_benchmark loads it.
-    `lock_image` / `lock_text` freeze a tower with open_clip's `lock_image_tower` / `lock_text_tower` (LiT).
+    `lock_image` / `lock_text` freeze a tower with open_clip's `lock_image_tower` / `lock_text_tower` (LiT);
+    `aug_cfg` (parse_aug_cfg) shapes the training transform as open_clip's AugmentationCfg.
     """
     import open_clip
     if precision not in PRECISIONS:
@@ -189,7 +211,7 @@ def create_model(model: str, pretrained: str | None = None, *, device: str = "cp
     local = pretrained is not None and _is_local(pretrained)
     try:
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, device=device, weights_only=True)
+            name, pretrained=pretrained, precision=precision, device=device, weights_only=True, aug_cfg=aug_cfg or None)
     except (pickle.UnpicklingError, EOFError, OSError) as error:
         if not local:
             raise UsageError(f"cannot get pretrained weights {pretrained!r} for {name!r}: {error}") from None

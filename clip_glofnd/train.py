@@ -35,7 +35,7 @@ from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import UsageError
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
-from clip_glofnd.model import train_mode
+from clip_glofnd.model import parse_aug_cfg, train_mode
 from clip_glofnd.warmup import warm_up_state
 
 logger = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     cfg, run_dir = prepare_run(cfg, dist)
     model, preprocess, preprocess_val, tokenizer = create_model(
         cfg.model.model, cfg.model.pretrained, device=str(dist.device), precision=cfg.model.precision,
-        lock_image=cfg.model.lock_image, lock_text=cfg.model.lock_text)
+        lock_image=cfg.model.lock_image, lock_text=cfg.model.lock_text, aug_cfg=parse_aug_cfg(cfg.model.aug_cfg))
     num_samples = resolve_num_samples(cfg.data.train_data, cfg.data.num_samples)
     parts = build_parts(cfg, dist, model, num_samples)
     state = resume(cfg, parts, run_dir, num_samples)

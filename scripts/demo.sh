@@ -23,7 +23,7 @@ fi
 OUT=${OUT:-demo}
 BED=$OUT/digits_minilm
 STAMP=$(date +%Y%m%d-%H%M%S)
-COMMON=(train --train-data "$BED/train/{00000..00011}.tar" --model clip-tiny-minilm --lock-text
+COMMON=(train --train-data "$BED/train/{00000..00011}.tar" --model clip-tiny-minilm --lock-text --aug-cfg "scale=(1,1)"
         --batch-size 32 --epochs 6 --lr 1e-3 --wd 0.1 --warmup 47 --precision fp32 --workers 0 --seed 0
         --zeroshot-data "$BED/wds/digits_cls" --retrieval-data "$BED/wds/digits_ret" --eval-every 6
         --save-frequency 0 --logs "$OUT/logs")

@@ -131,3 +131,21 @@ def test_train_mode_keeps_locked_towers_in_eval_mode() -> None:
     assert not any(m.training for m in model.visual.modules())                 # locked: eval
     assert model.training and model.transformer.training and model.token_embedding.training
     assert all(m.training for m in train_mode(create_model("clip-tiny")[0].eval()).modules())   # nothing locked
+
+
+def test_aug_cfg_reaches_open_clips_training_transform() -> None:
+    """--aug-cfg scale='(1,1)' makes the training transform the evaluation one (square images: a crop of the whole
+    area with another aspect ratio does not fit, so torchvision's RandomResizedCrop falls back to the whole image)."""
+    from PIL import Image
+
+    from clip_glofnd.model import parse_aug_cfg
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert parse_aug_cfg(["scale=(1,1)", "ratio=(1, 1)", "color_jitter=0.4"]) == {
+        "scale": (1, 1), "ratio": (1, 1), "color_jitter": 0.4}
+    _, train_none, val, _ = create_model("clip-tiny", aug_cfg=parse_aug_cfg(["scale=(1,1)"]))
+    torch.testing.assert_close(train_none(image), val(image), rtol=0, atol=0)
+    _, train_default, _, _ = create_model("clip-tiny")
+    torch.manual_seed(0)
+    assert not all(torch.equal(train_default(image), val(image)) for _ in range(5))     # random resized crops
+    with pytest.raises(UsageError, match="unknown key 'scal'.*scale"):
+        parse_aug_cfg(["scal=(1,1)"])
