@@ -4,7 +4,8 @@ the false negatives, and does dropping them help the model within a training bud
 For one test bed (data + model + recipe) `clip-glofnd train` runs, in this process and one after the other, with
 each loss of --losses and each filter: `none`, the mini-batch quantile baseline `fnd`, GloFND with the paper's start
 λ = 1 (`glofnd-one`) and with the warm start (`glofnd-quantile`, `--fnd-init quantile`), and the label `oracle`;
-for several seeds at the same budget (epochs, batch, lr, masking from the same epoch, the same α for fnd and GloFND).
+for several seeds at the same budget (epochs, batch, lr, masking from the same epoch, the same α for fnd and GloFND;
+λ = 1 learns from epoch 0, the warm start from the masking epoch: `learn_from`).
 Per run, from the trainer's own metrics.jsonl:
 - zero-shot top-1 and retrieval R@1 both ways on the bed's held-out sets, evaluated after the last epoch;
 - the filter against the labels (same class = true false negative): the per-step counts the trainer logs
@@ -85,13 +86,21 @@ def apply_preset(ns: argparse.Namespace, presets: dict[str, dict[str, Any]], p: 
 
 
 # --------------------------------------------------------------------------------------------------------- runs
+def learn_from(variant: str, mask_start_epoch: int) -> int:
+    """--fnd-start-epoch of a filter: λ = 1 learns from epoch 0, so that it has walked down when masking starts; the
+    warm start learns from the masking epoch (its first visit then sets λ from the model that masks; set earlier, it
+    would come from similarities the model no longer has — on digits from scratch, from the initial plateau)."""
+    return mask_start_epoch if variant == "glofnd-quantile" else 0
+
+
 def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: int, logs: Path, name: str
                ) -> list[str]:
     """`clip-glofnd train` flags of one run (eval on the held-out sets after the last epoch only)."""
     argv = ["train", "--train-data", bed.train, *bed.flags, "--batch-size", str(ns.batch_size),
             "--epochs", str(ns.epochs), "--lr", str(ns.lr), "--warmup", str(ns.warmup), "--seed", str(seed),
             "--loss", loss, *VARIANTS[variant], "--fnd-alpha", str(ns.alpha), "--fnd-lr", str(ns.fnd_lr),
-            "--fnd-start-epoch", "0", "--fnd-mask-start-epoch", str(ns.mask_start_epoch),
+            "--fnd-start-epoch", str(learn_from(variant, ns.mask_start_epoch)),
+            "--fnd-mask-start-epoch", str(ns.mask_start_epoch),
             "--zeroshot-data", bed.zeroshot, *(["--retrieval-data", bed.retrieval] if bed.retrieval else []),
             "--eval-every", str(ns.epochs),
             "--save-frequency", "0", "--logs", str(logs), "--name", name]

@@ -187,3 +187,11 @@ def test_reproduce_digits_minilm_quick(tmp_path: Path) -> None:
     assert r["runs"][1]["filtered_frac"] > 0 and r["runs"][1]["fn"]["present"] > 0
     assert r["runs"][0]["r1_t2i"] is None and r["settings"]["retrieval"] is False         # quick: zero-shot only
     assert [t["variant"] for t in r["targets"]] == ["glofnd-quantile"] and len(r["plots"]) == 3
+
+
+def test_each_glofnd_start_learns_from_its_epoch() -> None:
+    assert _reproduce.learn_from("glofnd-one", 2) == 0 and _reproduce.learn_from("glofnd-quantile", 2) == 2
+    argv = _reproduce.train_argv(reproduce_digits.parse_args([]), _reproduce.Bed("b", "t", "z", None), "clip",
+                                 "glofnd-quantile", 0, Path("logs"), "run")
+    assert argv[argv.index("--fnd-start-epoch") + 1] == argv[argv.index("--fnd-mask-start-epoch") + 1] == "2"
+    assert "--retrieval-data" not in argv and argv[argv.index("--fnd-init") + 1] == "quantile"
