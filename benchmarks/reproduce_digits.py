@@ -9,7 +9,7 @@ once the model has left its initial plateau (it sits at ln 32 for about two epoc
 it stayed there three to four epochs, zero-shot acc1 0.35–0.39 after 6).
 
     python -m benchmarks.reproduce_digits            # 30 runs (2 losses x 5 filters x 3 seeds)
-    python -m benchmarks.reproduce_digits --quick    # 1 seed, 1 short epoch (CI, seconds per run)
+    python -m benchmarks.reproduce_digits --quick    # CI: CLIP, the 5 filters, 1 seed, 3 steps (seconds per run)
 
 Writes benchmarks/results/reproduce_digits.json and, next to it, reproduce_digits_filtered.png (filtered fraction per
 epoch against α), reproduce_digits_lambda.png and reproduce_digits_fn.png.
@@ -30,7 +30,7 @@ PRESETS = {
     "full": dict(seeds=[0, 1, 2], epochs=6, batch_size=32, lr=1e-3, warmup=47, alpha=0.1, fnd_lr=0.1,
                  mask_start_epoch=2, train_num_samples=None),
     "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alpha=0.1, fnd_lr=0.1, mask_start_epoch=0,
-                  train_num_samples=96),
+                  train_num_samples=96, losses=["clip"]),
 }
 FLAGS = ["--model", "clip-tiny", "--wd", "0.1", "--precision", "fp32", "--workers", "1"]
 

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from clip_glofnd import distributed
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import is_main
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+
+if TYPE_CHECKING:
+    from clip_glofnd.train import Parts, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def loader_epoch(warmup_epoch: int) -> int:
 
 
 @torch.no_grad()
-def warmup_step(batch: Batch, parts: Any, *, epoch: int) -> dict[str, float]:
+def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     """One forward-only step of the frozen model: update λ (both modalities) and the loss's u on `batch` as a training
     step at `epoch` would, sync the rows over ranks; returns floats for logging (loss, filtered fractions, λ, u)."""
     from clip_glofnd import train
@@ -70,7 +73,7 @@ def warmup_step(batch: Batch, parts: Any, *, epoch: int) -> dict[str, float]:
     return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:]))}
 
 
-def _pass(parts: Any, loader: Any, state: Any, log: RunLogger, warmup_epoch: int) -> int:
+def _pass(parts: Parts, loader: Any, state: Progress, log: RunLogger, warmup_epoch: int) -> int:
     """One warm-up pass over `loader`; logs each step; returns the number of steps."""
     bar = progress(loader, total=loader.num_batches, enabled=is_main(parts.dist),
                    desc=f"state warm-up {warmup_epoch + 1}/{parts.cfg.optim.state_warmup_epochs}")
@@ -85,7 +88,7 @@ def _pass(parts: Any, loader: Any, state: Any, log: RunLogger, warmup_epoch: int
     return steps
 
 
-def _pass_record(parts: Any, state: Any, warmup_epoch: int, steps: int, seconds: float) -> dict[str, Any]:
+def _pass_record(parts: Parts, state: Progress, warmup_epoch: int, steps: int, seconds: float) -> dict[str, Any]:
     """The end-of-pass record: time, steps, λ quantiles over the samples seen so far, mean u of the samples set."""
     record: dict[str, Any] = {"step": state.step, "phase": PHASE, "warmup_epoch": warmup_epoch,
                               "warmup_epochs_done": warmup_epoch + 1, "warmup_steps": steps, "warmup_time": seconds}
@@ -101,7 +104,7 @@ def _pass_record(parts: Any, state: Any, warmup_epoch: int, steps: int, seconds:
     return record
 
 
-def _plot(parts: Any, run_dir: Path, passes: int) -> None:
+def _plot(parts: Parts, run_dir: Path, passes: int) -> None:
     """lambda_warmup.png: the λ distributions after the passes so far (GloFND only)."""
     if parts.cfg.fnd.variant == "glofnd":
         plot_lambda(run_dir / "lambda_warmup.png", parts.fnd_img.threshold, parts.fnd_img.steps > 0,
@@ -109,8 +112,8 @@ def _plot(parts: Any, run_dir: Path, passes: int) -> None:
                     title=f"{run_dir.name}: λ after {passes} state warm-up pass(es)")
 
 
-def warm_up_state(parts: Any, state: Any, run_dir: Path, log: RunLogger, make_loader: Callable[[int], Any],
-                  save: Callable[[Any, Any, Path], None]) -> None:
+def warm_up_state(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, make_loader: Callable[[int], Any],
+                  save: Callable[[Parts, Progress, Path], None]) -> None:
     """Run the warm-up passes still to do (none once training has started), checkpointing after each with `save`.
 
     `make_loader(epoch)` builds the training loader for a data-order seed; `state` (train.Progress) counts the passes
