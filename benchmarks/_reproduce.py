@@ -69,7 +69,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(VARIANTS)}")
     p.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=None,
                    help="skip the retrieval evaluation (R@1 left empty)")
-    p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder); finished "
+                                                 "runs found there with the same flags are reused, not retrained")
     p.add_argument("--output", type=Path, help="JSON result; the PNGs go beside it (<stem>_*.png)")
 
 
@@ -177,20 +178,37 @@ def run_name(loss: str, variant: str, seed: int) -> str:
     return f"{loss}-{variant}-s{seed}"
 
 
+def finished_run(run_dir: Path, argv: Sequence[str], epochs: int) -> dict[str, Any] | None:
+    """The records of a run folder that already holds this exact run (its config.yaml is what `argv` gives, and it
+    logged its evaluation after the last epoch), else None: a rerun with the same --runs-dir reuses finished runs."""
+    from clip_glofnd.config import dump, parse_config
+    from clip_glofnd.logger import read_jsonl
+    config, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not (config.is_file() and metrics.is_file()) or config.read_text() != dump(parse_config(argv[1:])[0]):
+        return None
+    records = read_jsonl(metrics)
+    done = any(r.get("epoch") == epochs and any(k.startswith("zeroshot/") for k in r) for r in records)
+    return {"records": records, "wall_s": sum(r.get("epoch_time", 0.0) for r in records)} if done else None
+
+
 def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str, seed: int) -> dict[str, Any]:
-    """One training run, its settings and its numbers."""
+    """One training run (or a finished one found in `logs`), its settings and its numbers."""
     from clip_glofnd import cli
     from clip_glofnd.logger import read_jsonl
     name = run_name(loss, variant, seed)
     argv = train_argv(ns, bed, loss, variant, seed, logs, name)
-    began = time.perf_counter()
-    code = cli.main(argv)
-    wall = time.perf_counter() - began
-    if code != 0:
-        raise RuntimeError(f"run {name} failed with exit code {code}: clip-glofnd {' '.join(argv)}")
-    metrics = run_metrics(read_jsonl(logs / name / "metrics.jsonl"), ns.mask_start_epoch)
+    found = finished_run(logs / name, argv, ns.epochs)
+    if found is None:
+        began = time.perf_counter()
+        code = cli.main(argv)
+        wall = time.perf_counter() - began
+        if code != 0:
+            raise RuntimeError(f"run {name} failed with exit code {code}: {shlex.join(['clip-glofnd', *argv])}")
+        found = {"records": read_jsonl(logs / name / "metrics.jsonl"), "wall_s": wall, "reused": False}
+    metrics = run_metrics(found["records"], ns.mask_start_epoch)
     return {"loss": loss, "variant": variant, "seed": seed, "name": name, "command": shlex.join(["clip-glofnd", *argv]),
-            "wall_s": wall, "loadavg_1min_after": os.getloadavg()[0], **metrics}
+            "wall_s": found["wall_s"], "reused": found.get("reused", True), "loadavg_1min_after": os.getloadavg()[0],
+            **metrics}
 
 
 # ------------------------------------------------------------------------------------------------------ summary

@@ -194,3 +194,23 @@ def test_each_glofnd_start_learns_from_its_epoch() -> None:
                                  "glofnd-quantile", 0, Path("logs"), "run")
     assert argv[argv.index("--fnd-start-epoch") + 1] == argv[argv.index("--fnd-mask-start-epoch") + 1] == "2"
     assert "--retrieval-data" not in argv and argv[argv.index("--fnd-init") + 1] == "quantile"
+
+
+def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[dict, Path], digits_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """A run folder with the same config.yaml and its final evaluation is reused; other flags retrain."""
+    r, _ = reproduce_result
+    ns = reproduce_digits.parse_args(["--quick"])
+    bed = _reproduce.Bed("digits", str(digits_dir / "train" / "{00000..00011}.tar"),
+                         str(digits_dir / "wds" / "digits_cls"), None, reproduce_digits.FLAGS)
+    argv = _reproduce.train_argv(ns, bed, "clip", "none", 0, tmp_path, "run")
+    from clip_glofnd.config import dump, parse_config
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump(parse_config(argv[1:])[0]))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "epoch": 1, "epoch_time": 2.5}) + "\n"
+                                       + json.dumps({"step": 3, "epoch": 1, "zeroshot/d/acc1": 0.5}) + "\n")
+    assert _reproduce.finished_run(run, argv, epochs=1)["wall_s"] == 2.5
+    assert _reproduce.finished_run(run, argv, epochs=2) is None                       # not finished
+    assert _reproduce.finished_run(run, argv[:-2] + ["--seed", "1"], epochs=1) is None   # another run
+    assert not any(run_["reused"] for run_ in r["runs"])                               # fresh folders: trained
