@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -199,6 +200,7 @@ def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str
     argv = train_argv(ns, bed, loss, variant, seed, logs, name)
     found = finished_run(logs / name, argv, ns.epochs)
     if found is None:
+        shutil.rmtree(logs / name, ignore_errors=True)                           # an unfinished or other run
         began = time.perf_counter()
         code = cli.main(argv)
         wall = time.perf_counter() - began
