@@ -27,9 +27,7 @@ Epoch semantics (one `TrainLoader` = one epoch, shuffle seeded by (seed, epoch))
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import json
 import logging
 import math
 import random
@@ -43,12 +41,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_glofnd.errors import UsageError
-from clip_glofnd.shards import SIZES_JSON, BadSample, Shard, iter_samples, parse_id, resolve_shards
+from clip_glofnd.shards import (SIZES_JSON, BadSample, Shard, decode_image, iter_samples, missing_local_shards,
+                                parse_id, read_caption, read_label, resolve_shards)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SHARD_KINDS = ("unreadable_shard", "truncated_shard")   # skip kinds that lose a whole shard (or its tail), not 1 sample
 
 
 @dataclass
@@ -93,48 +89,6 @@ class _StreamConfig:
     resampled: bool
 
 
-def _caption(sample: dict, caption_key: str, shard: Shard) -> str:
-    """Caption from the `txt` member (or another member), or from a json field with caption_key='json:FIELD'."""
-    if caption_key.startswith("json:"):
-        field_name = caption_key[len("json:"):]
-        try:
-            value = json.loads(sample["json"]).get(field_name) if "json" in sample else None
-        except (ValueError, AttributeError):
-            value = None
-    else:
-        value = sample.get(caption_key)
-        value = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else None
-    if not isinstance(value, str) or not value.strip():
-        raise BadSample("missing_caption", shard.url, sample["__key__"],
-                        f"no caption under {caption_key!r} (or it is empty); set caption_key "
-                        f"(e.g. 'txt' or 'json:caption') or pass --skip-bad-samples")
-    return value.strip()
-
-
-def _label(sample: dict, shard: Shard) -> int:
-    if "cls" not in sample:
-        return -1
-    try:
-        return int(sample["cls"].decode().strip())
-    except ValueError as error:
-        raise BadSample("bad_label", shard.url, sample["__key__"], f"cls {sample['cls'][:20]!r} is not an "
-                        f"integer") from error
-
-
-def _image(sample: dict, shard: Shard):
-    """The sample's image as an RGB PIL image (first of jpg, jpeg, png, webp)."""
-    from PIL import Image
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise BadSample("missing_image", shard.url, sample["__key__"], f"no image member ({'|'.join(IMAGE_EXTS)}); "
-                        f"members: {sorted(k for k in sample if not k.startswith('__'))}")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            return image.convert("RGB")
-    except Exception as error:
-        raise BadSample("unreadable_image", shard.url, sample["__key__"], f"cannot decode {ext} ({error})") from error
-
-
 def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     """Buffer shuffle: hold up to `bufsize` items, emit a random one for each new item, then drain in random order."""
     buffer: list = []
@@ -153,8 +107,9 @@ class _Stream(IterableDataset):
     """Runs in each loader worker: its shards -> validated samples -> shuffle buffer -> decoded -> batches.
 
     Yields dicts with images [k,3,H,W], texts [k,ctx], ids [k], labels [k] (k <= batch_size; only the last batch
-    of a worker is partial) and `skipped` (counts since the previous item); the last item has `end=True` so
-    skip counts made after the last batch still reach the main process.
+    of a worker is partial), `skipped` (counts since the previous item) and `reads` (samples in each shard this
+    worker finished reading since the previous item: a few ints per batch, for the epoch's shortfall check); the
+    last item has `end=True` so counts made after the last batch still reach the main process.
     """
 
     def __init__(self, shards: list[Shard], cfg: _StreamConfig, preprocess: Callable, tokenizer: Callable) -> None:
@@ -166,11 +121,12 @@ class _Stream(IterableDataset):
         worker = 0 if info is None else info.id
         rng = random.Random(_seed(*self.cfg.seed, worker))
         skipped: Counter = Counter()
+        reads: Counter = Counter()                                      # shard url -> samples read, once finished
         if self.cfg.resampled:
             shards = iter(lambda: rng.choice(self.shards), None)        # with replacement, endless (OpenCLIP style)
         else:
             shards = wds.split_by_worker(self.shards)
-        samples = self._raw(shards, skipped)
+        samples = self._raw(shards, skipped, reads)
         samples = _shuffled(samples, self.cfg.shuffle_buffer, rng)
         batch: list = []
         try:
@@ -179,23 +135,27 @@ class _Stream(IterableDataset):
                 if item is not None:
                     batch.append(item)
                 if len(batch) == self.cfg.batch_size:
-                    yield self._collate(batch, skipped)
+                    yield self._collate(batch, skipped, reads)
                     batch = []
         except BadSample as bad:              # strict mode: sent as data, the main process raises UsageError(message)
-            yield {"end": True, "skipped": dict(skipped), "error": str(bad)}
+            yield {"end": True, "skipped": dict(skipped), "reads": dict(reads), "error": str(bad)}
             return
         if batch:
-            yield self._collate(batch, skipped)
-        yield {"end": True, "skipped": dict(skipped)}
+            yield self._collate(batch, skipped, reads)
+        yield {"end": True, "skipped": dict(skipped), "reads": dict(reads)}
 
-    def _handle(self, bad: BadSample, skipped: Counter) -> None:
+    def _handle(self, bad: BadSample, skipped: Counter, lost: int = 1) -> None:
+        """Raise `bad`, or (skip_bad_samples) count the `lost` samples under its kind and log it."""
         if not self.cfg.skip_bad_samples:
             raise bad
-        skipped[bad.kind] += 1
+        skipped[bad.kind] += lost
         logger.warning("skipping bad sample (%s): %s", bad.kind, bad)
 
-    def _raw(self, shards, skipped: Counter) -> Iterator[tuple[Shard, dict, int, str, int]]:
-        """(shard, raw sample, id, caption, label) for every valid sample; bytes stay encoded for the buffer."""
+    def _raw(self, shards, skipped: Counter, reads: Counter) -> Iterator[tuple[Shard, dict, int, str, int]]:
+        """(shard, raw sample, id, caption, label) for every valid sample; bytes stay encoded for the buffer.
+
+        A shard that breaks off counts as the samples sizes.json says it lost (1 where sizes.json has no count).
+        """
         empty_streak = 0
         for shard in shards:
             if empty_streak > max(100, 2 * len(self.shards)):            # resampled: do not spin on broken shards
@@ -207,49 +167,66 @@ class _Stream(IterableDataset):
                     read, key = read + 1, sample["__key__"]
                     try:
                         empty_streak = 0
-                        yield (shard, sample, parse_id(sample, shard), _caption(sample, self.cfg.caption_key, shard),
-                               _label(sample, shard))
+                        yield (shard, sample, parse_id(sample, shard),
+                               read_caption(sample, self.cfg.caption_key, shard), read_label(sample, shard))
                     except BadSample as bad:
                         self._handle(bad, skipped)
                 if shard.count is not None and read < shard.count:
                     raise BadSample("truncated_shard", shard.url, key, f"ends after {read} samples but {SIZES_JSON} "
                                     f"says {shard.count}; re-download the shard or fix {SIZES_JSON}")
             except BadSample as bad:
-                self._handle(bad, skipped)
+                self._handle(bad, skipped, max(1, shard.count - read) if shard.count is not None else 1)
+            reads[shard.url] += read
 
     def _decode(self, item: tuple, skipped: Counter) -> tuple | None:
         shard, sample, gid, caption, label = item
         try:
-            image = self.preprocess(_image(sample, shard))
+            image = self.preprocess(decode_image(sample, shard))
         except BadSample as bad:
             self._handle(bad, skipped)
             return None
         return image, caption, gid, label
 
-    def _collate(self, batch: list[tuple], skipped: Counter) -> dict:
+    def _collate(self, batch: list[tuple], skipped: Counter, reads: Counter) -> dict:
         images, captions, ids, labels = zip(*batch)
         out = {"images": torch.stack(images),                                # [k, 3, H, W]
                "texts": self.tokenizer(list(captions)),                      # [k, ctx]
                "ids": torch.tensor(ids, dtype=torch.int64),                  # [k]
                "labels": torch.tensor(labels, dtype=torch.int64),            # [k], -1 = no cls
-               "skipped": dict(skipped), "end": False}
+               "skipped": dict(skipped), "reads": dict(reads), "end": False}
         skipped.clear()
+        reads.clear()
         return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # main-process side
 
+def _first_problem(shard: Shard, caption_key: str) -> str | None:
+    """The first problem of a shard (read again in this process, only to explain an epoch without samples)."""
+    try:
+        for sample in iter_samples(shard):
+            parse_id(sample, shard)
+            read_caption(sample, caption_key, shard)
+            read_label(sample, shard)
+            decode_image(sample, shard)
+    except BadSample as bad:
+        return str(bad)
+    return None
+
+
 @dataclass
 class TrainLoader:
     """One epoch of `Batch`es for one rank (build one per epoch; see the module docstring for the epoch rules).
 
-    After iterating: `skipped` counts skipped bad samples by kind (only with skip_bad_samples=True): per sample
-    unreadable_image, missing_image, missing_caption, bad_json, bad_key, id_out_of_range, bad_label; per shard
-    unreadable_shard, truncated_shard (the shard's tail is lost; see "unvisited"). `stats` has "samples" (yielded
-    by this rank), "batches", "repeated" (samples from a later pass that filled this rank's quota), "unvisited"
-    (samples of this rank's shards never yielded; known when sizes.json has the shard counts), "passes".
-    Both are logged at the end of the epoch when not empty.
+    After iterating: `skipped` counts the first pass's skipped bad samples by kind (with skip_bad_samples): per sample
+    unreadable_image, missing_image, missing_caption, non_utf8_caption, bad_json, bad_key, id_out_of_range,
+    bad_label; per shard unreadable_shard, truncated_shard, counted as the samples the shard lost per sizes.json
+    (1 where it has no count). `stats` has "samples" (yielded by this rank), "batches", "repeated" (samples from a
+    later pass that filled this rank's quota), "unvisited" (samples of this rank's shards neither yielded nor
+    skipped; known when sizes.json has the shard counts), "passes". `reads` has the samples read from each shard
+    in the first pass. All are logged at the end of the epoch when not empty, with a WARNING when the first pass
+    read fewer samples than expected (see `_shortfall`).
     """
 
     shards: list[Shard]              # this rank's shards in this epoch's order (all shards when resampled)
@@ -261,8 +238,10 @@ class TrainLoader:
     num_batches: int                 # this rank, this epoch (exact when `exact`, else the expected count)
     exact: bool                      # exactly num_batches full batches (world_size > 1 or resampled)
     sample_cap: int | None = None    # world_size 1: stop after this many samples (train_num_samples)
+    expected_samples: int | None = None   # in this rank's shards: sizes.json counts, else its share; None: resampled
     skipped: Counter = field(default_factory=Counter)
     stats: Counter = field(default_factory=Counter)
+    reads: Counter = field(default_factory=Counter)   # shard url -> samples read in the first pass (finished shards)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -270,6 +249,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.skipped.clear()
         self.stats.clear()
+        self.reads.clear()
         yield from self._batches()
         self._finish()
 
@@ -295,7 +275,9 @@ class TrainLoader:
             items = iter(self._loader(pass_index))
             try:
                 for item in items:
-                    self.skipped.update(item["skipped"])
+                    if pass_index == 0:            # later passes re-read the same shards: count each sample once
+                        self.skipped.update(item["skipped"])
+                        self.reads.update(item["reads"])
                     if "error" in item:
                         raise UsageError(item["error"])
                     if not item["end"]:
@@ -304,11 +286,23 @@ class TrainLoader:
             finally:
                 del items                  # stop the workers now, not when a traceback holding them is collected
             self.stats["passes"] = pass_index + 1
+            if got == 0:
+                raise self._no_sample_error()
             if not self.exact:
                 return
-            if got == 0:
-                raise UsageError(f"no valid samples in this rank's {len(self.shards)} shards (first: "
-                                 f"{self.shards[0].url}); skipped: {dict(self.skipped)}")
+
+    def _no_sample_error(self) -> UsageError:
+        """Why this rank's shards gave no valid sample, in one line: missing files, what was skipped, or empty tars."""
+        n = len(self.shards)
+        where = self.shards[0].url if n == 1 else f"{self.shards[0].url} … {self.shards[-1].url}"
+        missing = missing_local_shards(self.shards)
+        reasons = [f"{len(missing)} of {n} not found (first: {missing[0]}; a typo in the pattern?)"] if missing else []
+        reasons += [f"skipped: {dict(self.skipped)}"] if self.skipped else []
+        example = _first_problem(self.shards[0], self.cfg.caption_key) if self.skipped and not missing else None
+        first = f"; first: {example}" if example else ""
+        return UsageError(f"no valid sample in this rank's {n} shard(s) ({where}): "
+                          f"{'; '.join(reasons) or 'the tars are empty'}; check --train-data (`clip-glofnd "
+                          f"check-shards PATTERN --deep` lists every problem){first}")
 
     def _batches(self) -> Iterator[Batch]:
         pending: list[dict] = []          # worker items not yet yielded (only a worker's last item is partial)
@@ -337,16 +331,51 @@ class TrainLoader:
         return Batch(head["images"], head["texts"], head["ids"], labels)
 
     def _finish(self) -> None:
-        first_pass = min(self.stats.pop("first_pass"), self.stats["samples"])   # pending is FIFO: first pass first
+        first_pass = min(self.stats.pop("first_pass", 0), self.stats["samples"])   # pending is FIFO: first pass first
         self.stats["repeated"] = self.stats["samples"] - first_pass
         counts = [s.count for s in self.shards]
         if not self.cfg.resampled and None not in counts:
-            bad = sum(n for kind, n in self.skipped.items() if kind not in SHARD_KINDS)
-            self.stats["unvisited"] = max(0, sum(counts) - first_pass - bad)
+            self.stats["unvisited"] = max(0, sum(counts) - first_pass - sum(self.skipped.values()))
         if self.skipped:
             logger.warning("skipped %d bad samples this epoch: %s", sum(self.skipped.values()), dict(self.skipped))
+        shortfall = self._shortfall() if self.stats["passes"] and self.expected_samples is not None else None
+        if shortfall:
+            logger.warning("%s", shortfall)
         if self.stats["repeated"] or self.stats["unvisited"] or self.stats["batches"] != self.num_batches:
             logger.info("epoch data (expected %d batches): %s", self.num_batches, dict(self.stats))
+
+    def _shortfall(self) -> str | None:
+        """After a complete first pass: this rank's samples read vs expected, naming the short shards; None if none.
+
+        With per-shard counts in sizes.json every shard is compared with its count; without, the rank's total is
+        compared with its share of samples_per_epoch and the shards that gave the fewest samples (or none) are named.
+        """
+        reads, total, expected = self.reads, sum(self.reads.values()), self.expected_samples
+        by_reads = sorted(self.shards, key=lambda s: reads[s.url])
+        if None not in [s.count for s in self.shards]:
+            short = sorted((s for s in self.shards if reads[s.url] < s.count), key=lambda s: reads[s.url] - s.count)
+            names = [f"{s.url} {reads[s.url]} of {s.count}" for s in short]
+            source = f"that {SIZES_JSON} lists for them"
+            advice = f"re-download or rebuild them, or fix {SIZES_JSON}"
+        else:
+            per_shard = expected / len(self.shards)                     # no counts: shards assumed of even size
+            empty = [s for s in by_reads if reads[s.url] == 0 and s.count != 0]
+            if total >= expected and not empty:
+                return None
+            short = empty if total >= expected else [s for s in by_reads if reads[s.url] < per_shard]
+            names = [f"{s.url} {reads[s.url] or 'none (empty)'}" for s in short]
+            names[-1] += f" (about {per_shard:.0f} expected per shard)"
+            source = (f"expected ({'its share of ' if self.exact else ''}{self.samples_per_epoch} samples per epoch "
+                      f"from num_samples or --train-num-samples; {SIZES_JSON} has no per-shard counts)")
+            advice = ("write the counts with `clip-glofnd check-shards PATTERN --write-sizes`"
+                      + ("" if self.exact else f", or pass --train-num-samples {total} if the data set is that small"))
+        if not short:
+            return None
+        missing = max(0, expected - total)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        return (f"data shortfall on rank {self.cfg.seed[2]}: its {len(self.shards)} shards gave {total} samples, "
+                f"{missing} ({missing / max(expected, 1):.1%}) fewer than the {expected} {source}; short shards: "
+                f"{', '.join(names[:5])}{more}; {advice}")
 
 
 def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable, batch_size: int,
@@ -388,4 +417,7 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
                          f"{world_size} ranks; lower --batch-size")
     cfg = _StreamConfig(batch_size, caption_key, skip_bad_samples, shuffle_buffer, (seed, epoch, rank), resampled)
     cap = train_num_samples if not exact else None
-    return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap)
+    mine_counts = [s.count for s in mine]
+    expected = (None if resampled else sum(mine_counts) if None not in mine_counts
+                else round(samples_per_epoch * len(mine) / len(shards)))      # shards are assumed of even size
+    return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap, expected)
