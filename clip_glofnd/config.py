@@ -202,6 +202,10 @@ class RunConfig(_Section):
     save_frequency: int = _opt(1, "write checkpoints/epoch_N.pt every N epochs (0: only epoch_latest.pt)")
     zeroshot_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout classification sets evaluated during training")
     retrieval_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout retrieval sets evaluated during training")
+    eval_suite: str | None = _opt(None, "benchmark suite evaluated during training, as `clip-glofnd eval --suite` "
+                                        "(packaged name or YAML file); its group means go to metrics.jsonl")
+    eval_dataset_root: tuple[str, ...] = _opt((), "where --eval-suite's data sets are (patterns as `clip-glofnd eval "
+                                                  "--dataset-root`)")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last) when eval data are given")
     log_every_n_steps: int = _opt(1, "write a metrics.jsonl line every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
@@ -213,6 +217,8 @@ class RunConfig(_Section):
                                                                                f"{self.name!r}"),
             (self.save_frequency >= 0, f"--save-frequency must be >= 0, got {self.save_frequency}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.eval_suite is None or bool(self.eval_suite), "--eval-suite must name a suite"),
+            (not self.eval_dataset_root or self.eval_suite is not None, "--eval-dataset-root needs --eval-suite"),
             (self.log_every_n_steps >= 1, f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}"),
             (self.resume is None or bool(self.resume), "--resume must be 'latest' or a checkpoint path"),
         )

@@ -372,7 +372,7 @@ def maybe_evaluate(parts: Parts, state: Progress, log: RunLogger, preprocess: An
     """Zero-shot / retrieval on rank 0 every --eval-every epochs and after the last (RNG untouched); others wait."""
     cfg, dist = parts.cfg, parts.dist
     due = state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs
-    if not (cfg.run.zeroshot_data or cfg.run.retrieval_data) or not due:
+    if not (cfg.run.zeroshot_data or cfg.run.retrieval_data or cfg.run.eval_suite) or not due:
         return {}
     metrics: dict[str, float] = {}
     if is_main(dist):
@@ -382,6 +382,11 @@ def maybe_evaluate(parts: Parts, state: Progress, log: RunLogger, preprocess: An
             metrics = evaluate(parts.unwrapped, preprocess, tokenizer, zeroshot_data=cfg.run.zeroshot_data,
                                retrieval_data=cfg.run.retrieval_data, device=str(dist.device),
                                precision=cfg.model.precision, workers=cfg.data.workers)
+            if cfg.run.eval_suite:                                               # suite/mean, suite/group/<group>
+                from clip_glofnd.suite import suite_metrics
+                metrics.update(suite_metrics(parts.unwrapped, preprocess, tokenizer, cfg.run.eval_suite,
+                                             cfg.run.eval_dataset_root, device=str(dist.device),
+                                             precision=cfg.model.precision, workers=cfg.data.workers))
         log.log({"step": state.step, "epoch": state.epoch, **metrics})
     distributed.barrier(dist)
     return metrics
@@ -431,6 +436,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     """Train (or continue) a run; returns a summary: run_dir, epochs, steps, seconds, last epoch means, eval."""
     from clip_glofnd.model import create_model
     began = time.perf_counter()
+    if cfg.run.eval_suite:                              # every data set of the suite found before any training
+        from clip_glofnd.suite import check_suite
+        check_suite(cfg.run.eval_suite, cfg.run.eval_dataset_root)
     seed_everything(cfg.run.seed)
     cfg, run_dir = prepare_run(cfg, dist)
     model, preprocess, preprocess_val, tokenizer = create_model(
@@ -478,7 +486,8 @@ def summary_lines(summary: dict[str, Any]) -> Iterator[str]:
         if key in summary:
             yield f"{key:<16} {summary[key]:.4f}   (mean over the last epoch)"
     for key, value in summary.items():
-        if key.startswith(("zeroshot/", "retrieval/")) and key.endswith(("acc1", "recall@1")):
+        if (key.startswith(("zeroshot/", "retrieval/")) and key.endswith(("acc1", "recall@1"))
+                or key.startswith(("suite/mean", "suite/group/"))):
             yield f"{key:<16} {value:.4f}"
 
 
