@@ -505,3 +505,100 @@ def test_digits_through_open_clip(digits_dir, tiny_clip):
                     truth[meta["key"]] = meta["label"]
     for b in batches:
         assert b.labels.tolist() == [truth[i] for i in b.ids.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# duplicate ids within an epoch (one bit per id in the main process)
+
+def test_duplicate_id_across_shards_is_an_error_naming_both_places(tmp_path):
+    pattern, _ = make_source(tmp_path, [4, 4])
+    write_tar(tmp_path / "00001.tar", [sample(g) for g in (4, 5, 2, 7)])              # id 2 is also in 00000.tar
+    with pytest.raises(UsageError, match=r"id 2 comes twice.*0000[01]\.tar: sample '000000002' and "
+                                         r".*0000[01]\.tar: sample '000000002'") as error:
+        list(loader(pattern, workers=2))
+    assert "00000.tar" in str(error.value) and "00001.tar" in str(error.value)
+
+
+def test_duplicate_id_is_dropped_and_counted_when_skipping(tmp_path):
+    pattern, _ = make_source(tmp_path, [4, 4])
+    write_tar(tmp_path / "00001.tar", [sample(g) for g in (4, 5, 2, 2)])              # twice in one shard, once more
+    run = loader(pattern, workers=2, skip_bad_samples=True)
+    got = ids_of(list(run))
+    assert sorted(got) == [0, 1, 2, 3, 4, 5] and run.skipped["duplicate_id"] == 2
+    assert run.stats["unvisited"] == 0                                               # 8 = 6 trained + 2 counted
+
+
+def test_repeat_pass_of_a_short_rank_is_not_a_duplicate(tmp_path):
+    pattern, _ = make_source(tmp_path, [20, 4])                                       # rank 1 must repeat samples
+    ranks = run_ranks(pattern, 2, batch_size=4, workers=1, shuffle_buffer=2)
+    short = next(r for r in ranks if len(r.shards[0].url) and r.shards[0].count == 4)
+    batches = list(short)
+    assert short.stats["repeated"] > 0 and not short.skipped
+    first_seen = torch.cat([b.first_seen for b in batches])
+    assert int((~first_seen).sum()) == short.stats["repeated"]                        # repeats flagged, not dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# resume inside an epoch: state_dict() after k batches + a new loader == the uninterrupted epoch
+
+def noisy_preprocess(image: Image.Image) -> torch.Tensor:
+    """preprocess() plus a random channel: stands for open_clip's random crop (consumes the worker's RNG)."""
+    return torch.cat([preprocess(image), torch.rand(1, 8, 8)])                        # [4, 8, 8]
+
+
+def epoch_from(make, k: int | None) -> tuple[list[Batch], tuple[Counter, Counter, Counter]]:
+    """All batches of an epoch, straight (k None) or split after k batches through state_dict/load_state_dict, and
+    the loader's counters (stats, skipped, reads) at its end."""
+    first = make()
+    if k is None:
+        return list(first), (first.stats, first.skipped, first.reads)
+    it = iter(first)
+    head = [next(it) for _ in range(k)]
+    state = first.state_dict()
+    it.close()
+    second = make()
+    second.load_state_dict(state)
+    return head + list(second), (second.stats, second.skipped, second.reads)
+
+
+@pytest.mark.parametrize("case", ["1 rank, 3 workers, uneven shards, bad samples skipped",
+                                  "short rank of 2, repeat pass", "no workers"])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path, case):
+    """Split points k: the same ids, images (random augmentation included), first-seen flags, counters."""
+    sizes, kw = [9, 5, 7, 3, 6], dict(batch_size=4, workers=3, shuffle_buffer=3, preprocess=noisy_preprocess)
+    if case == "short rank of 2, repeat pass":
+        sizes, kw = [12, 4, 5, 12], {**kw, "world_size": 2, "workers": 2}
+    elif case == "no workers":
+        kw["workers"] = 0
+    pattern, _ = make_source(tmp_path, sizes)
+    if case.endswith("bad samples skipped"):
+        bad = [sample(g) for g in range(9, 14)]
+        bad[2]["png"], bad[4]["json"] = b"not a png", json.dumps({"key": 2})           # unreadable; duplicate id 2
+        write_tar(tmp_path / "00001.tar", bad)
+        kw["skip_bad_samples"] = True
+    if "world_size" in kw:                                                             # the rank with 4 + 5 samples
+        kw["rank"] = min(range(2), key=lambda r: sum(s.count for s in loader(pattern, rank=r, **kw).shards))
+    make = lambda: loader(pattern, **kw)                                               # noqa: E731
+    straight, counters = epoch_from(make, None)
+    assert "repeat" not in case or counters[0]["repeated"] > 0
+    assert "skipped" not in case or counters[1] == {"unreadable_image": 1, "duplicate_id": 1}
+    for k in sorted({1, 2, len(straight) // 2, len(straight) - 2, len(straight) - 1} - {0}):
+        resumed, counters_k = epoch_from(make, k)
+        assert ids_of(resumed) == ids_of(straight), k
+        for a, b in zip(resumed, straight):
+            assert torch.equal(a.images, b.images) and torch.equal(a.texts, b.texts), k
+            assert torch.equal(a.first_seen, b.first_seen), k
+        assert counters_k == counters, k
+
+
+def test_resume_refuses_another_data_order(tmp_path):
+    pattern, _ = make_source(tmp_path, [6, 6])
+    first = loader(pattern, workers=2)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    it.close()
+    with pytest.raises(UsageError, match=r"workers 1 \(checkpoint: 2\)"):
+        loader(pattern, workers=1).load_state_dict(state)
+    with pytest.raises(UsageError, match="batch_size 3"):
+        loader(pattern, workers=2, batch_size=3).load_state_dict(state)
