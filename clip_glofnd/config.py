@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -46,13 +47,15 @@ class _Section:
         return "--" + (f"{cls.PREFIX}-" if cls.PREFIX else "") + f.name.replace("_", "-")
 
     def _check(self, *checks: tuple[bool, str]) -> None:
-        """Raise UsageError for the first failed (ok, message) check, and for a value outside a Literal's choices."""
+        """Raise UsageError for the first failed (ok, message) check, for a value outside a Literal's choices and for
+        a non-finite float (inf / nan would pass comparisons like `lr > 0`)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            choices = _choices(hints[f.name])
-            if choices and getattr(self, f.name) not in choices:
-                raise UsageError(f"{self.flag(f)} must be one of {', '.join(map(str, choices))}; "
-                                 f"got {getattr(self, f.name)!r}")
+            choices, value = _choices(hints[f.name]), getattr(self, f.name)
+            if choices and value not in choices:
+                raise UsageError(f"{self.flag(f)} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{self.flag(f)} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
@@ -173,6 +176,8 @@ class OptimConfig(_Section):
     eps: float = _opt(1e-6, "AdamW epsilon")
     grad_clip_norm: float | None = _opt(None, "clip the gradient norm to this value")
     accum_freq: int = _opt(1, "accumulate gradients over this many micro-batches per step (--loss clip only)")
+    max_nonfinite_steps: int = _opt(5, "a step with a non-finite loss or gradient is skipped (as AMP's GradScaler "
+                                       "does); stop after this many in a row")
 
     def __post_init__(self) -> None:
         self._check(
@@ -186,6 +191,7 @@ class OptimConfig(_Section):
             (self.grad_clip_norm is None or self.grad_clip_norm > 0,
              f"--grad-clip-norm must be > 0, got {self.grad_clip_norm}"),
             (self.accum_freq >= 1, f"--accum-freq must be >= 1, got {self.accum_freq}"),
+            (self.max_nonfinite_steps >= 1, f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}"),
             (self.batch_size % self.accum_freq == 0,
              f"--batch-size ({self.batch_size}) must be a multiple of --accum-freq ({self.accum_freq})"),
         )
@@ -200,6 +206,8 @@ class RunConfig(_Section):
     name: str | None = _opt(None, "run name (default: date-model-loss-fnd)")
     resume: str | None = _opt(None, "'latest' (this run's last checkpoint, if any) or a checkpoint path")
     save_frequency: int = _opt(1, "write checkpoints/epoch_N.pt every N epochs (0: only epoch_latest.pt)")
+    save_every_n_steps: int = _opt(0, "also refresh epoch_latest.pt every N steps inside an epoch, with the data "
+                                      "position: --resume latest continues exactly from there (0: epoch ends only)")
     zeroshot_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout classification sets evaluated during training")
     retrieval_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout retrieval sets evaluated during training")
     eval_suite: str | None = _opt(None, "benchmark suite evaluated during training, as `clip-glofnd eval --suite` "
@@ -216,6 +224,7 @@ class RunConfig(_Section):
             (self.name is None or (bool(self.name) and "/" not in self.name), f"--name must be a folder name, got "
                                                                                f"{self.name!r}"),
             (self.save_frequency >= 0, f"--save-frequency must be >= 0, got {self.save_frequency}"),
+            (self.save_every_n_steps >= 0, f"--save-every-n-steps must be >= 0, got {self.save_every_n_steps}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (self.eval_suite is None or bool(self.eval_suite), "--eval-suite must name a suite"),
             (not self.eval_dataset_root or self.eval_suite is not None, "--eval-dataset-root needs --eval-suite"),

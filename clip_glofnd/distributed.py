@@ -157,6 +157,25 @@ def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; e.g. each rank's data position)."""
+    if dist.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def all_true(flag: Tensor, dist: DistInfo) -> bool:
+    """True when the bool scalar `flag` is True on every rank (one all-reduce; a host sync)."""
+    flag = flag.detach().reshape(()).to(torch.int32)
+    if dist.world_size > 1:
+        flag = flag.to(dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def is_main(dist: DistInfo) -> bool:
     """True on rank 0 (logging, checkpoints, evaluation)."""
     return dist.rank == 0

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,15 @@ from torch import Tensor, nn
 
 from clip_glofnd import checkpoint, distributed, losses
 from clip_glofnd.config import TrainConfig, dump, to_flat
-from clip_glofnd.data import Batch, make_train_loader, resolve_num_samples
+from clip_glofnd.data import Batch, TrainLoader, id_places, make_train_loader, resolve_num_samples
 from clip_glofnd.distributed import DistInfo, is_main
-from clip_glofnd.errors import UsageError
+from clip_glofnd.errors import TrainingStopped, UsageError
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+from clip_glofnd.resume import Schedule, changed_settings, continue_schedule, keep_old_config, lr_factor, \
+    truncate_metrics
+from clip_glofnd.seen import SeenIds
+from clip_glofnd.shards import resolve_shards
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +74,18 @@ class Parts:
 
 @dataclass
 class Progress:
-    """Where the run stands: epochs completed, optimizer steps taken, samples seen (all ranks)."""
+    """Where the run stands: epochs completed, optimizer steps taken, samples seen (all ranks), batches done in the
+    current epoch, and steps skipped for a non-finite loss or gradient (in a row, in all)."""
 
     epoch: int = 0
     step: int = 0
     samples_seen: int = 0
+    batch: int = 0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 # --------------------------------------------------------------------------------------------------------- build
@@ -133,14 +145,6 @@ def mirror_temperature(model: nn.Module, loss_fn: nn.Module) -> None:
         model.logit_scale.copy_(loss_fn.log_inv_tau)
     elif isinstance(loss_fn, losses.SogCLRLoss):
         model.logit_scale.fill_(-math.log(loss_fn.tau))
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """OpenCLIP's cosine schedule as a factor of the base lr: linear warmup (step+1)/warmup, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
@@ -227,13 +231,17 @@ def _splice(cached: tuple[list[Tensor], list[Tensor]] | None, j: int, img_j: Ten
 
 
 def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
-    """One optimizer step on one batch; returns floats for logging (loss, temperature, filtered fractions, λ).
+    """One optimizer step on one batch; returns floats for logging (loss, temperature, filtered fractions, λ, and
+    "nonfinite": 1.0 when the step was skipped).
 
     With --accum-freq A > 1 (CLIP loss only; config refuses the others, whose u would be updated A times) features of
     all micro-batches are computed without gradient first; then each micro-batch is recomputed with gradient and the
     loss of the whole batch is backpropagated through its slice only (OpenCLIP's scheme, gradient equal to the
     unsplit batch's). λ is updated and masks built once per step, on the whole batch; logit_scale gets its gradient
     from the last pass only.
+
+    Non-finite guard (as AMP's GradScaler): non-finite gathered features, loss or gradients on any rank skip the
+    step on every rank: no weight update, and the batch's λ / u rows and the model's buffers are put back.
     """
     cfg, dist = parts.cfg, parts.dist
     batch = batch.to(dist.device, non_blocking=True)
@@ -241,6 +249,7 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                         # [B]
     labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
     micro = _micro_batches(batch, cfg.optim.accum_freq)
+    undo = _before_step(parts, batch.ids)
     parts.optimizer.zero_grad(set_to_none=True)
     cached = _cached_features(parts, micro)
     for j, chunk in enumerate(micro):
@@ -252,8 +261,10 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
                 img_j, txt_j, logit_scale = _encode(parts.model, chunk)                  # [b_j, d], [b_j, d], []
             img, txt = _splice(cached, j, img_j, txt_j)                                 # [b, d] grad via slice j
             img_all, txt_all = distributed.all_gather_with_grad([img, txt], dist)       # [B, d]
-            # false-negative filter (detached; once per step)
+            # false-negative filter (detached; once per step), on finite features only
             if j == 0:
+                if not bool(torch.isfinite(img_all).all() & torch.isfinite(txt_all).all()):   # same on all ranks
+                    return _skip_step(parts, undo)
                 keep_i2t, keep_t2i, fnd_stats = filter_negatives(parts, img, txt, img_all, txt_all, batch,
                                                                  labels_all, epoch)
             # loss
@@ -262,11 +273,53 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
                 keep_t2i=keep_t2i, offset=dist.rank * b, logit_scale=logit_scale if last else logit_scale.detach())
             # backward
             parts.scaler.scale(loss).backward()
+    if not _finite_step(parts, loss):
+        return _skip_step(parts, undo)
     _optimizer_step(parts)
     # per-sample state: each rank wrote the rows of its own anchors; make every rank hold all of them
     distributed.sync_rows([parts.fnd_img, parts.fnd_txt, parts.loss_fn], batch.ids, dist)
     values = torch.stack([loss.detach().float(), *[v.float() for v in fnd_stats.values()]]).tolist()
-    return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:]))}
+    return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:])), "nonfinite": 0.0}
+
+
+@dataclass
+class _Undo:
+    """What a step writes besides weights and optimizer: the per-sample rows of its anchors and the model's floating
+    buffers (BatchNorm statistics), as they were before it."""
+
+    ids: Tensor
+    rows: list[dict[str, Tensor]]
+    buffers: list[tuple[Tensor, Tensor]]
+
+
+@torch.no_grad()
+def _before_step(parts: Parts, ids: Tensor) -> _Undo:
+    rows = [{key: value[ids.to(value.device)].clone() for key, value in holder.state_dict().items()}
+            for holder in (parts.fnd_img, parts.fnd_txt)] + [parts.loss_fn.export_rows(ids)]
+    buffers = [(buf, buf.clone()) for buf in parts.unwrapped.buffers() if buf.is_floating_point()]
+    return _Undo(ids, rows, buffers)
+
+
+@torch.no_grad()
+def _skip_step(parts: Parts, undo: _Undo) -> dict[str, float]:
+    """Drop the step's gradients and put back its per-sample rows and buffers; the metrics of a skipped step."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    for holder, rows in zip((parts.fnd_img, parts.fnd_txt, parts.loss_fn), undo.rows):
+        holder.import_rows(undo.ids, rows)
+    for buf, old in undo.buffers:
+        buf.copy_(old)
+    return {"loss": math.nan, "nonfinite": 1.0}
+
+
+def _finite_step(parts: Parts, loss: Tensor) -> bool:
+    """Loss and gradients finite on every rank (one all-reduce). With --precision amp the GradScaler judges the
+    gradients itself (an inf there is a scale to lower, not a fault) and only the loss is checked."""
+    flag = torch.isfinite(loss.detach()).all()
+    if not parts.scaler.is_enabled():
+        grads = [p.grad for group in parts.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            flag = flag & torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))
+    return distributed.all_true(flag, parts.dist)
 
 
 def _optimizer_step(parts: Parts) -> None:
@@ -288,34 +341,9 @@ def _optimizer_step(parts: Parts) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- epoch
-def run_epoch(parts: Parts, loader: Any, state: Progress, log: RunLogger, total_steps: int) -> dict[str, float]:
-    """Train one epoch; per-step JSONL records; returns epoch means of loss, filtered fractions, filter precision."""
-    cfg, dist = parts.cfg, parts.dist
-    parts.model.train()
-    means = _RunningMeans()
-    bar = progress(loader, total=loader.num_batches, enabled=is_main(dist), desc=f"epoch {state.epoch + 1}")
-    tick = time.perf_counter()
-    for i, batch in enumerate(bar):
-        # schedule position from (epoch, batch), not the step counter: right after a resume on another world size
-        lr = set_lr(parts.optimizer, lr_factor(state.epoch * loader.num_batches + i, cfg.optim.warmup, total_steps))
-        start = time.perf_counter()
-        metrics = train_step(batch, parts, epoch=state.epoch)
-        now = time.perf_counter()
-        state.step += 1
-        state.samples_seen += len(batch) * dist.world_size
-        means.add(metrics)
-        speed = len(batch) * dist.world_size / max(now - tick, 1e-9)
-        if state.step % cfg.run.log_every_n_steps == 0:
-            log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **metrics, "samples_seen": state.samples_seen,
-                     "step_time": now - start, "data_time": start - tick, "samples_per_s": speed})
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{speed:.0f}", refresh=False)
-        tick = now
-    return means.result()
-
-
 class _RunningMeans:
-    """Epoch means of the summary metrics; the filter's precision only over steps that filtered something."""
+    """Epoch means of the summary metrics; the filter's precision only over steps that filtered something; skipped
+    (non-finite) steps do not count."""
 
     KEYS = ("loss", "filtered_img", "filtered_txt", "fn_precision_img", "fn_precision_txt")
 
@@ -324,6 +352,8 @@ class _RunningMeans:
         self.counts: dict[str, int] = {}
 
     def add(self, metrics: dict[str, float]) -> None:
+        if metrics.get("nonfinite"):
+            return
         for key in self.KEYS:
             if key not in metrics or (key.startswith("fn_precision") and not metrics[f"filtered{key[12:]}"]):
                 continue
@@ -332,6 +362,126 @@ class _RunningMeans:
 
     def result(self) -> dict[str, float]:
         return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+@dataclass
+class EpochRun:
+    """One epoch in progress: its loader and lr schedule, running means, the first-pass ids any rank trained (only
+    with several processes: the loader checks its own), and the seconds spent in it before a resume."""
+
+    loader: TrainLoader
+    schedule: Schedule
+    means: _RunningMeans
+    seen_all: SeenIds | None
+    elapsed: float = 0.0
+    began: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.began
+
+
+def start_epoch(parts: Parts, loader: TrainLoader, schedule: Schedule, state: Progress, saved: dict[str, Any],
+                num_samples: int) -> EpochRun:
+    """The EpochRun of this epoch; inside an epoch (resumed from a mid-epoch checkpoint) with every rank's data
+    position, the running means and the seen ids of the checkpoint."""
+    several = parts.dist.world_size > 1 and loader.seen is not None
+    run = EpochRun(loader, schedule, _RunningMeans(), SeenIds(num_samples) if several else None)
+    if not state.batch:
+        return run
+    positions, path = saved["loaders"], saved["path"]
+    if len(positions) != parts.dist.world_size:
+        raise UsageError(f"--resume {path}: written inside epoch {state.epoch + 1} by {len(positions)} processes; "
+                         f"resume it with {len(positions)} processes, or from an end-of-epoch checkpoint (--resume "
+                         f"{Path(path).with_name(f'epoch_{state.epoch}.pt')}) on any number")
+    try:
+        loader.load_state_dict(positions[parts.dist.rank])
+    except UsageError as error:
+        raise UsageError(f"--resume {path}: {error}") from None
+    run.means.load_state_dict(saved["means"])
+    if run.seen_all is not None and saved.get("seen_all") is not None:
+        run.seen_all.load_state_dict(saved["seen_all"])
+    run.elapsed = float(saved.get("epoch_seconds", 0.0))
+    return run
+
+
+def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_dir: Path) -> dict[str, float]:
+    """Train one epoch (or its rest, after a mid-epoch resume); per-step JSONL records; checkpoints every
+    --save-every-n-steps; returns epoch means of loss, filtered fractions, filter precision."""
+    cfg, dist, loader = parts.cfg, parts.dist, run.loader
+    parts.model.train()
+    bar = progress(loader, total=loader.num_batches - state.batch, enabled=is_main(dist), desc=f"epoch {state.epoch + 1}")
+    tick = time.perf_counter()
+    for batch in bar:
+        # schedule position from (epoch, batch), not the step counter: right after a resume on another world size
+        lr = set_lr(parts.optimizer, run.schedule.factor(state.epoch * loader.num_batches + state.batch,
+                                                         cfg.optim.warmup))
+        check_across_ranks(batch, run, parts)
+        start = time.perf_counter()
+        metrics = train_step(batch, parts, epoch=state.epoch)
+        now = time.perf_counter()
+        state.step, state.batch = state.step + 1, state.batch + 1
+        state.samples_seen += len(batch) * dist.world_size
+        count_nonfinite(metrics, state, cfg, lr)
+        run.means.add(metrics)
+        speed = len(batch) * dist.world_size / max(now - tick, 1e-9)
+        if state.step % cfg.run.log_every_n_steps == 0:
+            log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **metrics, "samples_seen": state.samples_seen,
+                     "step_time": now - start, "data_time": start - tick, "samples_per_s": speed})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{speed:.0f}", refresh=False)
+        every = cfg.run.save_every_n_steps
+        if every and state.step % every == 0 and state.batch < loader.num_batches:    # the epoch's end saves anyway
+            save_checkpoints(parts, state, run_dir, run)
+        tick = time.perf_counter()
+    return run.means.result()
+
+
+def count_nonfinite(metrics: dict[str, float], state: Progress, cfg: TrainConfig, lr: float) -> None:
+    """Count a skipped non-finite step; TrainingStopped after --max-nonfinite-steps of them in a row."""
+    if not metrics.get("nonfinite"):
+        state.nonfinite_in_row = 0
+        return
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    limit = cfg.optim.max_nonfinite_steps
+    logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all; stop at %d in a row)",
+                   state.step, state.nonfinite_in_row, state.nonfinite_total, limit)
+    if state.nonfinite_in_row >= limit:
+        raise TrainingStopped(
+            f"stopped at step {state.step}: {limit} steps in a row had a non-finite loss or gradient (each skipped); "
+            f"weights, λ and u are those from before them and no checkpoint holds NaN: lower --lr (the lr was {lr:.3g}),"
+            f" set --grad-clip-norm, or check the data, then --resume latest")
+
+
+def check_across_ranks(batch: Batch, run: EpochRun, parts: Parts) -> None:
+    """Several processes: an id that another rank already trained this epoch (or that comes twice in this step) is an
+    error on every rank at once, naming its places; with --skip-bad-samples a warning (the batch is formed already,
+    so it trains). Each rank's loader drops its own repeats before batching; repeat passes are exempt."""
+    if run.seen_all is None or batch.first_seen is None:
+        return
+    mine = torch.where(batch.first_seen, batch.ids, torch.full_like(batch.ids, -1))                # [b]
+    gathered = distributed.all_gather_no_grad([mine.to(parts.dist.device)], parts.dist)[0].cpu()  # [B]
+    ids = gathered[gathered >= 0]
+    repeated = run.seen_all.add(ids)                                                              # same on all ranks
+    if not bool(repeated.any()):
+        return
+    gid = int(ids[repeated][0])
+    if parts.cfg.data.skip_bad_samples:
+        logger.warning("id %d is trained a second time this epoch, by another process (the same id in two shards; "
+                       "clip-glofnd check-shards lists them)", gid)
+        return
+    places = None
+    if is_main(parts.dist):
+        places = id_places(resolve_shards(parts.cfg.data.train_data, parts.cfg.data.num_samples)[0], gid)
+    places = distributed.broadcast_object(places, parts.dist)
+    raise UsageError(f"id {gid} comes twice in this epoch, on two processes: {' and '.join(places) or 'two shards'}; "
+                     f"fix the ids (clip-glofnd check-shards PATTERN lists duplicates) or pass --skip-bad-samples")
 
 
 def end_of_epoch(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, means: dict[str, float],
@@ -352,20 +502,57 @@ def end_of_epoch(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, m
     log.log(record)
 
 
-def save_checkpoints(parts: Parts, state: Progress, run_dir: Path) -> None:
-    """Rank 0 writes epoch_latest.pt (always) and epoch_N.pt (every --save-frequency epochs and the last)."""
+def save_checkpoints(parts: Parts, state: Progress, run_dir: Path, run: EpochRun | None = None) -> None:
+    """Rank 0 writes epoch_latest.pt (always) and, at an epoch's end, epoch_N.pt (every --save-frequency epochs and
+    the last). Inside an epoch (state.batch > 0, --save-every-n-steps) only epoch_latest.pt, with every rank's data
+    position. Non-finite weights or state are never written; a failed write stops every rank with one line."""
     cfg = parts.cfg
-    if is_main(parts.dist):
+    data: dict[str, Any] = {"epoch": state.epoch, "batch": state.batch, "samples_seen": state.samples_seen,
+                            "progress": state.state_dict()}
+    if run is not None:
+        data.update(schedule=run.schedule.state_dict(), steps=[run.loader.num_batches, cfg.optim.epochs])
+    if state.batch:
+        data.update(_epoch_position(run, parts.dist))                          # a collective: every rank's loader
+
+    def write() -> None:
         ckpt = checkpoint.make_state(
             model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=parts.fnd_img,
             fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=state.epoch, step=state.step, name=cfg.run.name,
-            config=to_flat(cfg), data={"epoch": state.epoch, "batch": 0, "samples_seen": state.samples_seen})
+            config=to_flat(cfg), data=data)
+        bad = checkpoint.nonfinite_entries({key: ckpt[key] for key in ("state_dict", "optimizer", "glofnd", "loss")})
+        if bad:
+            raise TrainingStopped(f"not writing a checkpoint at step {state.step}: non-finite values in "
+                                  f"{', '.join(bad[:3])}; the last checkpoint in {run_dir} is the latest good state")
         folder = checkpoint.checkpoint_dir(run_dir)
         every = cfg.run.save_frequency
-        if every and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
+        if not state.batch and every and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
             checkpoint.save_atomic(ckpt, folder / f"epoch_{state.epoch}.pt")
         checkpoint.save_atomic(ckpt, folder / checkpoint.LATEST)
-    distributed.barrier(parts.dist)
+
+    on_main(parts.dist, write)
+
+
+def _epoch_position(run: EpochRun, dist: DistInfo) -> dict[str, Any]:
+    """What a mid-epoch checkpoint adds: each rank's loader position, the epoch's running means, seen ids, time."""
+    return {"loaders": distributed.all_gather_objects(run.loader.state_dict(), dist),
+            "means": run.means.state_dict(), "seen_all": None if run.seen_all is None else run.seen_all.state_dict(),
+            "epoch_seconds": run.seconds()}
+
+
+def on_main(dist: DistInfo, work: Any) -> None:
+    """Run `work()` on rank 0 while the others wait; a UsageError there is raised on every rank (none is left
+    waiting at a collective for a rank that stopped)."""
+    error = None
+    if is_main(dist):
+        try:
+            work()
+        except UsageError as caught:
+            error = caught
+    message = distributed.broadcast_object(None if error is None else str(error), dist)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UsageError(message)
 
 
 def maybe_evaluate(parts: Parts, state: Progress, log: RunLogger, preprocess: Any, tokenizer: Any) -> dict[str, float]:
@@ -394,7 +581,8 @@ def maybe_evaluate(parts: Parts, state: Progress, log: RunLogger, preprocess: An
 
 # ----------------------------------------------------------------------------------------------------------- run
 def prepare_run(cfg: TrainConfig, dist: DistInfo) -> tuple[TrainConfig, Path]:
-    """Resolve --name (same on all ranks), refuse to overwrite a finished run, write config.yaml (rank 0)."""
+    """Resolve --name (same on all ranks), refuse to overwrite a finished run; rank 0 checks the run folder is
+    writable, removes temporaries of an interrupted save and writes config.yaml (keeping a different earlier one)."""
     name = cfg.run.name or distributed.broadcast_object(
         f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{Path(cfg.model.model).stem}-{cfg.loss.name}-{cfg.fnd.variant}", dist)
     cfg = replace(cfg, run=replace(cfg.run, name=name))
@@ -402,23 +590,58 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> tuple[TrainConfig, Path]:
     if cfg.run.resume is None and any(checkpoint.checkpoint_dir(run_dir).glob("*.pt")):
         raise UsageError(f"run folder {run_dir} already has checkpoints; pass --resume latest to continue it or "
                          f"another --name")
-    if is_main(dist):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump(cfg))
+    on_main(dist, lambda: _prepare_folder(cfg, run_dir))
     return cfg, run_dir
 
 
-def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> Progress:
-    """Progress(0, 0, 0), or everything restored from --resume (latest: this run's epoch_latest.pt, if any)."""
-    path = checkpoint.resolve_resume(cfg.run.resume, run_dir)
-    if path is None:
-        return Progress()
-    ckpt = checkpoint.load(path)
+def _prepare_folder(cfg: TrainConfig, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--logs {cfg.run.logs}: cannot write in {run_dir} ({error.strerror or error}); pass a "
+                         f"writable --logs") from None
+    stale = checkpoint.remove_stale_temps(checkpoint.checkpoint_dir(run_dir))
+    if stale:
+        logger.info("removed %d temporary file(s) of an interrupted checkpoint write: %s", len(stale),
+                    ", ".join(p.name for p in stale))
+    text = dump(cfg)
+    kept = keep_old_config(run_dir / "config.yaml", text)
+    if kept is not None:
+        logger.warning("the settings differ from the earlier start's; its config.yaml is kept as %s", kept)
+    (run_dir / "config.yaml").write_text(text)
+
+
+def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> tuple[Progress, dict[str, Any]]:
+    """(Progress(), {}) for a fresh start, or everything restored from --resume (latest: this run's newest valid
+    checkpoint) with the checkpoint's "data" (+ "path"); metrics.jsonl is cut back to the checkpoint's step."""
+    found = checkpoint.open_resume(cfg.run.resume, run_dir)
+    if found is None:
+        return Progress(), {}
+    path, ckpt = found
     checkpoint.check_compatible(ckpt, path, num_samples)
     checkpoint.restore(ckpt, path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                        fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
-    logger.info("resumed %s: %d epochs, %d steps done", path, ckpt["epoch"], ckpt["step"])
-    return Progress(ckpt["epoch"], ckpt["step"], int(ckpt.get("data", {}).get("samples_seen", 0)))
+    changes = changed_settings(ckpt.get("config", {}), to_flat(cfg))
+    if changes and is_main(parts.dist):
+        logger.warning("resuming %s with changed settings: %s", path, "; ".join(changes))
+    data = dict(ckpt.get("data", {}))
+    state = Progress(ckpt["epoch"], ckpt["step"], int(data.get("samples_seen", 0)), int(data.get("batch", 0)))
+    state.nonfinite_total = int(data.get("progress", {}).get("nonfinite_total", 0))
+    state.nonfinite_in_row = int(data.get("progress", {}).get("nonfinite_in_row", 0))
+
+    def cut_metrics() -> None:
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if dropped:
+            logger.info("metrics.jsonl: dropped %d records after step %d (the resumed run writes them again)",
+                        dropped, state.step)
+
+    on_main(parts.dist, cut_metrics)
+    where = f"epoch {state.epoch + 1}, batch {state.batch}" if state.batch else f"{state.epoch} epochs"
+    logger.info("resumed %s: %s done, step %d", path, where, state.step)
+    return state, {**data, "path": str(path)}
 
 
 def make_loader(cfg: TrainConfig, dist: DistInfo, preprocess: Any, tokenizer: Any, num_samples: int, epoch: int
@@ -446,17 +669,21 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         lock_image=cfg.model.lock_image, lock_text=cfg.model.lock_text)
     num_samples = resolve_num_samples(cfg.data.train_data, cfg.data.num_samples)
     parts = build_parts(cfg, dist, model, num_samples)
-    state = resume(cfg, parts, run_dir, num_samples)
-    log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard)
+    state, saved = resume(cfg, parts, run_dir, num_samples)
+    log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard,
+                    purge_step=state.step + 1 if saved else None)
     means: dict[str, float] = {}
     metrics: dict[str, float] = {}
+    schedule = None
     for epoch in range(state.epoch, cfg.optim.epochs):
-        tick = time.perf_counter()
         loader = make_loader(cfg, dist, preprocess, tokenizer, num_samples, epoch)
-        means = run_epoch(parts, loader, state, log, total_steps=loader.num_batches * cfg.optim.epochs)
-        state.epoch += 1
-        end_of_epoch(parts, state, run_dir, log, means, time.perf_counter() - tick)
-        save_checkpoints(parts, state, run_dir)
+        schedule = schedule or continue_schedule(saved.get("schedule"), saved.get("steps"), (state.epoch, state.batch),
+                                                 (loader.num_batches, cfg.optim.epochs))
+        run = start_epoch(parts, loader, schedule, state, saved, num_samples)
+        means = run_epoch(parts, run, state, log, run_dir)
+        state.epoch, state.batch = state.epoch + 1, 0
+        end_of_epoch(parts, state, run_dir, log, means, run.seconds())
+        save_checkpoints(parts, state, run_dir, run)
         metrics = maybe_evaluate(parts, state, log, preprocess_val, tokenizer) or metrics
     log.close()
     return {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "samples_seen": state.samples_seen,

@@ -1,7 +1,9 @@
 """Checkpoints: open_clip-loadable, weights_only-safe, atomic, and a full round trip of every piece of state."""
 from __future__ import annotations
 
+import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,26 +112,110 @@ def test_load_refuses_non_training_files(tmp_path: Path) -> None:
         checkpoint.load(tmp_path / "missing.pt")
 
 
-def test_atomic_write_never_leaves_a_half_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash inside torch.save keeps the previous file intact and leaves no temporary behind."""
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_failed_write_is_one_line_and_keeps_the_previous_file(failure: Exception, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full inside torch.save (as OSError or as torch's RuntimeError): a one-line UsageError naming the file and
+    the free space; the previous file intact, no temporary left behind."""
     path = checkpoint.save_atomic({"step": 1, "w": torch.arange(4)}, tmp_path / "epoch_latest.pt")
-    real_save = torch.save
 
     def crash(obj, handle, *args, **kwargs):
-        handle.write(b"PK\x03\x04 half")                                           # a partial zip header
-        raise OSError("disk full")
+        handle.write(b"PK\x03\x04 half")                                          # a partial zip header
+        raise failure
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UsageError) as error:
         checkpoint.save_atomic({"step": 2, "w": torch.arange(8)}, path)
-    monkeypatch.setattr(torch, "save", real_save)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "previous epoch_latest.pt is intact" in message
+    assert re.search(r"\d+\.\d (KB|MB|GB|TB) free", message) and str(failure).splitlines()[0][:40] in message
+    monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_latest.pt"]
 
 
-def test_resolve_resume(tmp_path: Path) -> None:
-    assert checkpoint.resolve_resume(None, tmp_path) is None
-    assert checkpoint.resolve_resume("latest", tmp_path) is None                    # a new run: start fresh
-    latest = checkpoint.save_atomic({"x": 1}, checkpoint.checkpoint_dir(tmp_path) / checkpoint.LATEST)
-    assert checkpoint.resolve_resume("latest", tmp_path) == latest
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".epoch_latest.pt.tmp-123").write_bytes(b"half")
+    (tmp_path / ".epoch_3.pt.tmp-9").write_bytes(b"half")
+    keep = checkpoint.save_atomic({"step": 1}, tmp_path / "epoch_3.pt")
+    removed = checkpoint.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [".epoch_3.pt.tmp-9", ".epoch_latest.pt.tmp-123"]
+    assert list(tmp_path.iterdir()) == [keep]
+
+
+def fake_checkpoint(step: int, value: float = 1.0) -> dict:
+    """The keys checkpoint.load requires, with one small weight tensor."""
+    return {"state_dict": {"w": torch.full((64,), value)}, "epoch": step // 2, "step": step, "optimizer": {},
+            "glofnd": {"img": {"lam": torch.ones(4)}}}
+
+
+def break_file(path: Path, how: str) -> None:
+    """Damage a checkpoint file the way a kill, a full disk or a bad copy would."""
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "corrupt":                                                          # one flipped byte in tensor data
+        i = data.find(b"\x00\x00\x80\x3f")                                     # a float32 1.0 of "w"
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    elif how == "nan":
+        torch.save(fake_checkpoint(5, float("nan")), path)
+    elif how == "unsafe":
+        torch.save({**fake_checkpoint(5), "x": Exploit()}, path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this ran code from the checkpoint",))
+
+
+@pytest.mark.parametrize("latest, chosen, reason", [
+    ("missing", "epoch_2.pt", None),                           # killed during the first write of epoch_latest.pt
+    ("empty", "epoch_2.pt", "empty file, 0 bytes"),
+    ("truncated", "epoch_2.pt", "not a complete zip archive"),
+    ("corrupt", "epoch_2.pt", "CRC mismatch"),
+    ("nan", "epoch_2.pt", "non-finite values in state_dict.w"),
+    ("unsafe", "epoch_2.pt", "weights-only loading refuses"),
+    ("older", "epoch_2.pt", None),                              # epoch_latest.pt failed to update: order by step
+    ("newer", "epoch_latest.pt", None),                         # a mid-epoch save after epoch_2.pt
+])
+def test_resume_latest_takes_the_newest_valid_checkpoint(latest: str, chosen: str, reason: str | None,
+                                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    for epoch in (1, 2):
+        checkpoint.save_atomic(fake_checkpoint(2 * epoch), folder / f"epoch_{epoch}.pt")
+    if latest != "missing":
+        step = {"older": 2, "newer": 5}.get(latest, 4)
+        checkpoint.save_atomic(fake_checkpoint(step), folder / checkpoint.LATEST)
+        break_file(folder / checkpoint.LATEST, latest)
+    with caplog.at_level(logging.WARNING):
+        path, ckpt = checkpoint.find_latest(tmp_path)
+    assert path.name == chosen and ckpt["step"] == {"epoch_2.pt": 4, "epoch_latest.pt": 5}[chosen]
+    assert checkpoint.resolve_resume("latest", tmp_path) == path
+    if reason is not None:
+        assert f"using {path}" in caplog.text and "skipped epoch_latest.pt: " in caplog.text and reason in caplog.text
+    assert "weights_only=False" not in caplog.text and "ran code" not in caplog.text
+
+
+def test_resume_latest_without_a_usable_file_refuses_to_start_over(tmp_path: Path) -> None:
+    """Files exist but none loads: an error naming each (a fresh start would overwrite them); none at all: None."""
+    assert checkpoint.find_latest(tmp_path) is None and checkpoint.resolve_resume(None, tmp_path) is None
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    for name, how in (("epoch_1.pt", "truncated"), (checkpoint.LATEST, "empty")):
+        checkpoint.save_atomic(fake_checkpoint(2), folder / name)
+        break_file(folder / name, how)
+    with pytest.raises(UsageError, match=r"no usable checkpoint .*epoch_latest\.pt: .*empty file.*epoch_1\.pt: .*not "
+                                         r"a complete zip") as error:
+        checkpoint.find_latest(tmp_path)
+    assert "\n" not in str(error.value) and "weights_only=False" not in str(error.value)
     assert checkpoint.resolve_resume("/some/file.pt", tmp_path) == Path("/some/file.pt")
+
+
+def test_load_errors_never_advise_unsafe_loading(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({**fake_checkpoint(1), "x": Exploit()}, path)
+    with pytest.raises(UsageError, match="holds a print object, which weights-only loading refuses") as error:
+        checkpoint.load(path)
+    assert "weights_only" not in str(error.value)

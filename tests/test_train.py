@@ -93,8 +93,8 @@ def test_resume_equals_uninterrupted(digits_dir: Path, micro_model: str, tmp_pat
     assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "straight", *flags)) == 0
     save = train.save_checkpoints
 
-    def save_then_crash(parts, state, run_dir):
-        save(parts, state, run_dir)
+    def save_then_crash(parts, state, run_dir, run=None):
+        save(parts, state, run_dir, run)
         raise Crash
 
     monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
