@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "false-negative filtering (flags named like OpenCLIP's where OpenCLIP has them).")
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON/TOML file of flag values (keys: flag names "
                         "without dashes); command-line flags override it")
-    parser.add_argument("--dry-run", action="store_true", help="parse and validate, print the config, do not train")
+    parser.add_argument("--dry-run", action="store_true", help="parse and validate (flags, model name, and that every "
+                        "path the run opens exists), print the config, do not train")
     groups = {name: parser.add_argument_group(cls.TITLE or name, (cls.__doc__ or "").splitlines()[0])
               for name, cls in SECTIONS.items()}
     for name, cls, f, hint in _fields():
@@ -442,8 +443,11 @@ def train_main(argv: Sequence[str]) -> int:
         cfg, ns = parse_config(argv)
     except SystemExit as stop:                                            # --help
         return int(stop.code or 0)
+    from clip_glofnd.preflight import check_run
+    check_run(cfg)                                                        # every path and name, before any work
     if ns.dry_run:
-        sys.stdout.write(dump(cfg))
+        run_dir = Path(cfg.run.logs).absolute() / (cfg.run.name or "<date>-<model>-<loss>-<fnd>")
+        sys.stdout.write(f"{dump(cfg)}# run folder: {run_dir}\n")
         return 0
     from clip_glofnd import train                                         # torch / open_clip load only now
     return train.main(cfg)

@@ -15,11 +15,14 @@
 #   LAUNCH  torchrun | srun [torchrun]; srun runs one task per GPU inside the allocation
 #   GPUS    processes on this node with torchrun [8]; with srun the world size is SLURM_NTASKS
 #   WORKERS data loader workers per GPU [6]   LOGS [./logs]   NAME [cc3m-rn50-$LOSS-glofnd]
-#   DRY_RUN=1  parse and validate the command here instead of launching it (what tests/test_cli.py does)
+#   DRY_RUN=1  check the command here instead of launching it: flags, model name, and that the shards and other
+#              paths exist (what tests/test_cli.py does)
+# Relative paths resolve against the folder you run the script from (LOGS=./logs too), not the checkout.
 # The per-GPU batch is 1024 / world size; the run resumes itself (--resume latest) when started again.
 # Measured: not run on this project's machines (no multi-GPU node); `DRY_RUN=1` validates the flags here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)    # the checkout; relative paths you pass stay relative to where you stand
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
