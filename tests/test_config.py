@@ -117,7 +117,16 @@ def test_bad_config_file(content: dict, message: str, tmp_path: Path) -> None:
         parse_config(["--config", str(path)])
 
 
-def test_dry_run_prints_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
-    assert train_main(DATA + ["--fnd", "glofnd", "--dry-run"]) == 0
+def test_dry_run_prints_the_resolved_config(digits_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pattern = str(digits_dir / "train" / "{00000..00011}.tar")
+    assert train_main(["--train-data", pattern, "--fnd", "glofnd", "--logs", str(tmp_path), "--name", "r",
+                       "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert 'fnd: "glofnd"' in out and 'train_data: "/data/{0..9}.tar"' in out
+    assert 'fnd: "glofnd"' in out and f'train_data: "{pattern}"' in out and f"# run folder: {tmp_path}/r" in out
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--fnd-lr", "--fnd-alpha", "--wd", "--loss-rho", "--grad-clip-norm"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_refused(flag: str, value: str) -> None:
+    with pytest.raises(UsageError, match=f"{flag} must be a finite number, got {value}"):
+        parse_config(DATA + [f"{flag}={value}"])
