@@ -427,12 +427,12 @@ def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_
         now = time.perf_counter()
         state.step, state.batch = state.step + 1, state.batch + 1
         state.samples_seen += len(batch) * dist.world_size
-        count_nonfinite(metrics, state, cfg, lr)
         run.means.add(metrics)
         speed = len(batch) * dist.world_size / max(now - tick, 1e-9)
-        if state.step % cfg.run.log_every_n_steps == 0:
+        if state.step % cfg.run.log_every_n_steps == 0 or metrics["nonfinite"]:
             log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **metrics, "samples_seen": state.samples_seen,
                      "step_time": now - start, "data_time": start - tick, "samples_per_s": speed})
+        count_nonfinite(metrics, state, cfg, lr)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{speed:.0f}", refresh=False)
         every = cfg.run.save_every_n_steps
@@ -616,9 +616,10 @@ def _prepare_folder(cfg: TrainConfig, run_dir: Path) -> None:
 
 def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> tuple[Progress, dict[str, Any]]:
     """(Progress(), {}) for a fresh start, or everything restored from --resume (latest: this run's newest valid
-    checkpoint) with the checkpoint's "data" (+ "path"); metrics.jsonl is cut back to the checkpoint's step."""
+    checkpoint) with the checkpoint's "data" (+ "path"); metrics.jsonl is cut back to the step the run starts from."""
     found = checkpoint.open_resume(cfg.run.resume, run_dir)
     if found is None:
+        on_main(parts.dist, lambda: _cut_metrics(run_dir, 0))
         return Progress(), {}
     path, ckpt = found
     checkpoint.check_compatible(ckpt, path, num_samples)
@@ -631,17 +632,17 @@ def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> t
     state = Progress(ckpt["epoch"], ckpt["step"], int(data.get("samples_seen", 0)), int(data.get("batch", 0)))
     state.nonfinite_total = int(data.get("progress", {}).get("nonfinite_total", 0))
     state.nonfinite_in_row = int(data.get("progress", {}).get("nonfinite_in_row", 0))
-
-    def cut_metrics() -> None:
-        dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        if dropped:
-            logger.info("metrics.jsonl: dropped %d records after step %d (the resumed run writes them again)",
-                        dropped, state.step)
-
-    on_main(parts.dist, cut_metrics)
+    on_main(parts.dist, lambda: _cut_metrics(run_dir, state.step))
     where = f"epoch {state.epoch + 1}, batch {state.batch}" if state.batch else f"{state.epoch} epochs"
     logger.info("resumed %s: %s done, step %d", path, where, state.step)
     return state, {**data, "path": str(path)}
+
+
+def _cut_metrics(run_dir: Path, step: int) -> None:
+    """metrics.jsonl without the records after `step` (a killed run wrote them; this run writes them again)."""
+    dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
+    if dropped:
+        logger.info("metrics.jsonl: dropped %d records after step %d (the run writes them again)", dropped, step)
 
 
 def make_loader(cfg: TrainConfig, dist: DistInfo, preprocess: Any, tokenizer: Any, num_samples: int, epoch: int
