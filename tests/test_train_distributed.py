@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -176,3 +177,71 @@ def test_sync_share_quick(tmp_path: Path) -> None:
         assert bytes_["ids_send"] == bytes_["labels_send"] == 8 * b
         assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)                   # id + GloFND img/txt + u (sogclr)
         assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
+
+
+# --------------------------------------------------------------- mid-epoch checkpoint, 2 processes (issue 12)
+class Crash(Exception):
+    """Stands for a job killed right after its step-`CRASH_AT` checkpoint (raised on both ranks at the same step)."""
+
+
+CRASH_AT = 6                                           # 4 steps per epoch: epoch 2, after batch 2
+
+
+def _resume_rank_main(rank: int, argvs: dict[str, list[str]], ports: list[int], out: Path) -> None:
+    """A spawned rank runs three jobs in turn: straight, crashed after step CRASH_AT, resumed with --resume latest."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    step, calls = train.train_step, [0]
+
+    def crashing(batch, parts, *, epoch):
+        calls[0] += 1
+        if calls[0] > CRASH_AT:
+            raise Crash
+        return step(batch, parts, epoch=epoch)
+
+    os.environ["MASTER_PORT"] = str(ports[0])
+    rcs = [cli.main(argvs["straight"])]
+    os.environ["MASTER_PORT"], train.train_step = str(ports[1]), crashing
+    try:
+        cli.main(argvs["crashed"])
+    except Crash:
+        rcs.append("crashed")
+    finally:
+        train.train_step = step
+    if rank == 0:
+        shutil.copy(Path(argvs["crashed"][argvs["crashed"].index("--logs") + 1]) / "crashed" / "checkpoints" /
+                    checkpoint.LATEST, out / "mid_epoch.pt")
+    os.environ["MASTER_PORT"] = str(ports[2])
+    rcs.append(cli.main(argvs["resumed"]))
+    torch.save({"rc": rcs}, out / f"resume_rank{rank}.pt")
+
+
+def test_two_ranks_killed_mid_epoch_resume_equals_uninterrupted(digits_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """2 gloo processes, --save-every-n-steps 1: crashed inside epoch 2 and resumed == uninterrupted, bit for bit
+    (weights, optimizer, λ/m/v/steps, u), each step once in metrics.jsonl; the mid-epoch checkpoint refuses to
+    resume on 1 process, naming the end-of-epoch file to use instead."""
+    model = tmp_path / "clip-micro-mid.json"
+    model.write_text(json.dumps(MICRO))
+    logs = tmp_path / "logs"
+    base = _argv(digits_dir, str(model), logs, 16, 2, "--save-every-n-steps", "1", "--train-num-samples", "128")
+    argvs = {"straight": base[:base.index("--name") + 1] + ["straight"] + base[base.index("--name") + 2:]}
+    argvs["crashed"] = [a if a != "straight" else "crashed" for a in argvs["straight"]]
+    argvs["resumed"] = argvs["crashed"] + ["--resume", "latest"]
+    context = torch.multiprocessing.spawn(_resume_rank_main, args=(argvs, [_free_port() for _ in range(3)], tmp_path),
+                                          nprocs=WORLD, join=False)
+    join_or_kill(context, DEADLINE_S, "2-rank crash + resume")
+    assert all(torch.load(tmp_path / f"resume_rank{r}.pt")["rc"] == [0, "crashed", 0] for r in range(WORLD))
+    a, b = (torch.load(logs / name / "checkpoints" / checkpoint.LATEST, weights_only=True)
+            for name in ("straight", "crashed"))
+    assert (a["epoch"], a["step"], a["data"]["batch"]) == (b["epoch"], b["step"], b["data"]["batch"]) == (2, 8, 0)
+    for key in ("state_dict", "optimizer", "glofnd", "loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    records = [r for r in read_jsonl(logs / "crashed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    mid = torch.load(tmp_path / "mid_epoch.pt", weights_only=True)
+    assert (mid["step"], mid["data"]["batch"], len(mid["data"]["loaders"])) == (CRASH_AT, 2, WORLD)
+    one = _argv(digits_dir, str(model), logs, 32, 2, "--train-num-samples", "128", "--resume",
+                str(tmp_path / "mid_epoch.pt"))
+    assert cli.main([x if x != "run" else "one" for x in one]) == 2
+    assert "by 2 processes; resume it with 2 processes, or from an end-of-epoch checkpoint" in capsys.readouterr().err
