@@ -98,11 +98,30 @@ class Crash(Exception):
     """Stands for a job killed right after its first checkpoint."""
 
 
-def test_resume_equals_uninterrupted(digits_dir: Path, micro_model: str, tmp_path: Path,
+RESUME_FLAGS = ["--epochs", "2", "--loss", "fastclip", "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def straight(digits_dir: Path, micro_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted reference of the resume tests: 2 epochs × 2 steps, FastCLIP-v3 + GloFND, a checkpoint after
+    every step (which must not change the result); its final checkpoint and its step losses."""
+    logs = tmp_path_factory.mktemp("straight")
+    assert cli.main(argv(digits_dir, micro_model, logs, "--name", "straight", *RESUME_FLAGS,
+                         "--save-every-n-steps", "1")) == 0
+    return {"ckpt": torch.load(logs / "straight" / "checkpoints" / "epoch_latest.pt", weights_only=True),
+            "losses": {r["step"]: r["loss"] for r in read_jsonl(logs / "straight" / "metrics.jsonl") if "loss" in r}}
+
+
+def assert_same_run(ckpt: dict, reference: dict, what: str) -> None:
+    """Bit for bit: weights, optimizer, λ/m/v/steps, u and τ; the same epoch and step."""
+    assert (ckpt["epoch"], ckpt["step"]) == (reference["epoch"], reference["step"]) == (2, 4), what
+    for key in ("state_dict", "loss", "glofnd", "optimizer"):
+        torch.testing.assert_close(ckpt[key], reference[key], rtol=0, atol=0, msg=lambda m: f"{what}: {key}: {m}")
+
+
+def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """2 epochs straight == 1 epoch, crash, --resume latest, 1 epoch: same weights, optimizer, λ/m/v, u, τ."""
-    flags = ["--epochs", "2", "--loss", "fastclip", "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2"]
-    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "straight", *flags)) == 0
     save = train.save_checkpoints
 
     def save_then_crash(parts, state, run_dir, run=None):
@@ -111,15 +130,13 @@ def test_resume_equals_uninterrupted(digits_dir: Path, micro_model: str, tmp_pat
 
     monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
     with pytest.raises(Crash):
-        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *flags))
+        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *RESUME_FLAGS))
     monkeypatch.setattr(train, "save_checkpoints", save)
-    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest", *flags)) == 0
-    a, b = (torch.load(tmp_path / name / "checkpoints" / "epoch_latest.pt", weights_only=True)
-            for name in ("straight", "resumed"))
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
-    for key in ("state_dict", "loss", "glofnd", "optimizer"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    assert (a["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest",
+                         *RESUME_FLAGS)) == 0
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert_same_run(ckpt, straight["ckpt"], "resumed at the epoch boundary")
+    assert (ckpt["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
 
 
 def _parts(micro_model: str, accum: int) -> train.Parts:
@@ -311,28 +328,22 @@ def _kill_at_step(command: list[str], metrics: Path, step: int, timeout_s: float
         process.wait()
 
 
-def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(digits_dir: Path, micro_model: str,
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str,
                                                            tmp_path: Path) -> None:
-    """A real `clip-glofnd train` process killed with SIGKILL at a random step (maybe inside a save), then --resume
-    latest: the same weights, optimizer, λ/m/v/steps and u as an uninterrupted run, bit for bit; metrics.jsonl has
-    each step once, with the same losses."""
-    flags = ["--epochs", "2", "--train-num-samples", "96", "--workers", "1", "--loss", "fastclip", "--fnd",
-             "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2", "--save-every-n-steps", "1"]
-    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "straight", *flags)) == 0
-    step = random.SystemRandom().randint(2, 5)                                      # 6 steps in all
+    """A real `clip-glofnd train` process (one loader worker process) killed with SIGKILL at a random step, maybe
+    inside a save, then --resume latest: the same weights, optimizer, λ/m/v/steps and u as the uninterrupted run,
+    bit for bit; metrics.jsonl has each step once, with the same losses; no temporary file is left."""
+    flags = [*RESUME_FLAGS, "--save-every-n-steps", "1", "--workers", "1"]          # 1 worker: the same data order
+    step = random.SystemRandom().randint(1, 3)                                      # 4 steps in all
     _kill_at_step([sys.executable, "-m", "clip_glofnd.cli", *argv(digits_dir, micro_model, tmp_path, "--name",
                                                                    "killed", *flags)],
                   tmp_path / "killed" / "metrics.jsonl", step)
     assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "killed", "--resume", "latest", *flags)) == 0
-    a, b = (torch.load(tmp_path / name / "checkpoints" / "epoch_latest.pt", weights_only=True)
-            for name in ("straight", "killed"))
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6), step
-    for key in ("state_dict", "loss", "glofnd", "optimizer"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"killed at step {step}: {key} {m}")
-    losses = [{r["step"]: r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r}
-              for name in ("straight", "killed")]
-    steps = [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 7)) and losses[0] == losses[1], step
+    assert_same_run(torch.load(tmp_path / "killed" / "checkpoints" / "epoch_latest.pt", weights_only=True),
+                    straight["ckpt"], f"killed at step {step}")
+    records = [r for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4], step
+    assert {r["step"]: r["loss"] for r in records} == straight["losses"], step
     assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))              # no temporary file left
 
 
