@@ -27,7 +27,6 @@ Epoch semantics (one `TrainLoader` = one epoch, shuffle seeded by (seed, epoch))
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
 import random

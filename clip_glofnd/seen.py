@@ -35,7 +35,8 @@ class SeenIds:
         """Unmark `ids` (each marked, distinct); the inverse of an `add` that returned no repeat for them."""
         ids = ids.to("cpu", torch.long)
         bit = torch.ones_like(ids, dtype=torch.uint8) << (ids & 7).to(torch.uint8)
-        self.bits.index_put_((ids >> 3,), (256 - bit.to(torch.int16)).to(torch.uint8), accumulate=True)   # - bit mod 256
+        minus_bit = (256 - bit.to(torch.int16)).to(torch.uint8)                       # -bit modulo 256
+        self.bits.index_put_((ids >> 3,), minus_bit, accumulate=True)
 
     def count(self) -> int:
         """Number of marked ids."""

@@ -36,8 +36,8 @@ from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import TrainingStopped, UsageError
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
-from clip_glofnd.resume import Schedule, changed_settings, continue_schedule, keep_old_config, lr_factor, \
-    truncate_metrics
+from clip_glofnd.resume import Schedule, changed_settings, continue_schedule, keep_old_config, truncate_metrics
+from clip_glofnd.resume import lr_factor  # noqa: F401  (train.lr_factor: the schedule, importable from here too)
 from clip_glofnd.seen import SeenIds
 from clip_glofnd.shards import resolve_shards
 
@@ -415,7 +415,8 @@ def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_
     --save-every-n-steps; returns epoch means of loss, filtered fractions, filter precision."""
     cfg, dist, loader = parts.cfg, parts.dist, run.loader
     parts.model.train()
-    bar = progress(loader, total=loader.num_batches - state.batch, enabled=is_main(dist), desc=f"epoch {state.epoch + 1}")
+    bar = progress(loader, total=loader.num_batches - state.batch, enabled=is_main(dist),
+                   desc=f"epoch {state.epoch + 1}")
     tick = time.perf_counter()
     for batch in bar:
         # schedule position from (epoch, batch), not the step counter: right after a resume on another world size
@@ -455,8 +456,8 @@ def count_nonfinite(metrics: dict[str, float], state: Progress, cfg: TrainConfig
     if state.nonfinite_in_row >= limit:
         raise TrainingStopped(
             f"stopped at step {state.step}: {limit} steps in a row had a non-finite loss or gradient (each skipped); "
-            f"weights, λ and u are those from before them and no checkpoint holds NaN: lower --lr (the lr was {lr:.3g}),"
-            f" set --grad-clip-norm, or check the data, then --resume latest")
+            f"weights, λ and u are those from before them and no checkpoint holds NaN: lower --lr (the lr was "
+            f"{lr:.3g}), set --grad-clip-norm, or check the data, then --resume latest")
 
 
 def check_across_ranks(batch: Batch, run: EpochRun, parts: Parts) -> None:

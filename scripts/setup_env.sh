@@ -9,7 +9,8 @@ fi
 # shellcheck disable=SC1091
 source "$CHECKOUT/.venv/bin/activate"
 stamp=$CHECKOUT/.venv/.clip_glofnd_installed
-if [ ! -f "$stamp" ] || [ "$CHECKOUT/setup.cfg" -nt "$stamp" ] || [ "$CHECKOUT/scripts/setup_env.sh" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$CHECKOUT/setup.cfg" -nt "$stamp" ] \
+        || [ "$CHECKOUT/scripts/setup_env.sh" -nt "$stamp" ]; then
     python -m pip install -q torch==2.14.1 torchvision==0.29.1
     python -m pip install -q "webdataset==0.2.86" -e "$CHECKOUT[test]"
     touch "$stamp"

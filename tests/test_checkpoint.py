@@ -112,8 +112,10 @@ def test_load_refuses_non_training_files(tmp_path: Path) -> None:
         checkpoint.load(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+TORCH_ENOSPC = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"     # torch.save on a full disk
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError(TORCH_ENOSPC)])
 def test_failed_write_is_one_line_and_keeps_the_previous_file(failure: Exception, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Disk full inside torch.save (as OSError or as torch's RuntimeError): a one-line UsageError naming the file and
