@@ -368,7 +368,7 @@ class TrainLoader:
         state, self._resume = self._resume, None
         if state is None:
             return
-        position = dict(state["position"])
+        position = {**state["position"], "emitted": list(state["position"]["emitted"])}     # the state stays as given
         self.skipped.update(position.pop("skipped"))
         self.reads.update(position.pop("reads"))
         self.stats.update(first_pass=position.pop("first_pass"), passes=position.pop("passes"),

@@ -556,9 +556,12 @@ def epoch_from(make, k: int | None) -> tuple[list[Batch], tuple[Counter, Counter
     head = [next(it) for _ in range(k)]
     state = first.state_dict()
     it.close()
-    second = make()
+    second, third = make(), make()
     second.load_state_dict(state)
-    return head + list(second), (second.stats, second.skipped, second.reads)
+    rest = list(second)
+    third.load_state_dict(state)                                                        # the state is not used up
+    assert ids_of(list(third)) == ids_of(rest)
+    return head + rest, (second.stats, second.skipped, second.reads)
 
 
 @pytest.mark.parametrize("case", ["1 rank, 3 workers, uneven shards, bad samples skipped",
