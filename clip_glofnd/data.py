@@ -22,7 +22,12 @@ Epoch semantics (one `TrainLoader` = one epoch, shuffle seeded by (seed, epoch))
   batch_size)` full batches, so DDP never waits and gathers stay equal. A rank with more samples stops early (the
   rest are counted in `stats["unvisited"]`); a rank with fewer starts a second pass over its shards in a new order
   (counted in `stats["repeated"]`). With evenly sized shards and a shard count divisible by world_size nothing
-  repeats and fewer than world_size * batch_size samples are left out.
+  repeats and fewer than world_size * batch_size samples are left out;
+- an id delivered twice in a rank's first pass is an error naming both places (or a counted `duplicate_id` skip);
+- a sample's random augmentation is seeded by (seed, epoch, pass, id), and `TrainLoader.state_dict()` between two
+  batches lets a new loader of the same epoch continue with the very same batches (a mid-epoch resume): the main
+  process records, per worker role, how many shuffled samples it has received and whose item comes next in the
+  DataLoader's round robin; the resumed workers re-read their shards up to there without decoding.
 """
 from __future__ import annotations
 

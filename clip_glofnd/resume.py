@@ -81,8 +81,9 @@ def _plain(value: Any) -> Any:
 
 
 def keep_old_config(path: Path, new_text: str) -> Path | None:
-    """Before `path` (config.yaml) is overwritten with different content: rename it to config.<its time>.yaml."""
-    if not path.is_file() or path.read_text() == new_text:
+    """Before `path` (config.yaml) is overwritten with other settings (--resume aside): rename it to
+    config.<its time>.yaml; returns the new name."""
+    if not path.is_file() or _settings(path.read_text()) == _settings(new_text):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
     kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
@@ -91,6 +92,16 @@ def keep_old_config(path: Path, new_text: str) -> Path | None:
         kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
     os.replace(path, kept)
     return kept
+
+
+def _settings(text: str) -> dict[str, Any] | str:
+    """The flags of a config.yaml written by config.dump ("key: json" lines), without --resume; the text if it is
+    not such a file."""
+    try:
+        values = dict((key, json.loads(value)) for key, value in (line.split(": ", 1) for line in text.splitlines()))
+    except ValueError:
+        return text
+    return {key: value for key, value in values.items() if key not in _NOT_SETTINGS}
 
 
 def truncate_metrics(path: Path, step: int) -> int:

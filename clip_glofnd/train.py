@@ -6,11 +6,15 @@ updated λ, as the authors' code does) -> loss -> backward -> optimizer step -> 
 per-sample state (λ, Adam moments for both modalities, the loss's u) lives outside the DDP model and is identical on
 every rank; rank 0 logs, writes checkpoints and evaluates while the others wait at a barrier.
 
-Resume is exact at epoch boundaries: checkpoints are written at the end of an epoch, with the RNG states, and each
-epoch's data order is a function of (seed, epoch), so 2 epochs straight and 1 epoch + resume + 1 epoch give the same
-weights, λ and u on a deterministic (CPU) run. A run stopped mid-epoch restarts that epoch from the last checkpoint.
-The state is full on every rank, so a checkpoint resumes under another world size too; the lr schedule then follows
-(epoch, batch) of the new run.
+Resume is exact: checkpoints carry the RNG states, each epoch's data order is a function of (seed, epoch), and a
+checkpoint written inside an epoch (--save-every-n-steps) carries every rank's data position (data.TrainLoader
+.state_dict), so a run killed anywhere and resumed gives the weights, λ and u of an uninterrupted one on a
+deterministic (CPU) run. The state is full on every rank, so an end-of-epoch checkpoint resumes under another world
+size too; the lr schedule then continues from the position it had reached (resume.continue_schedule).
+
+Faults: a step with non-finite features, loss or gradients is skipped on every rank and undone (`_skip_step`), and
+the run stops after --max-nonfinite-steps in a row; nothing non-finite is written; a failed save, an unwritable run
+folder and a duplicate id across ranks stop every rank with the same one-line error (`on_main`).
 """
 from __future__ import annotations
 

@@ -105,3 +105,19 @@ def test_readme_links_existing_results() -> None:
         args = shlex.split(result["command"])
         assert args[:3] == ["python", "-m", f"benchmarks.{result['benchmark']}"], name
         module.parse_args(args[3:])
+
+
+@pytest.mark.slow
+def test_reliability_quick(tmp_path: Path) -> None:
+    """benchmarks/reliability.py --quick: JSON with the command, machine and positive times (slow: builds the digits
+    and two models)."""
+    from benchmarks import reliability
+    out = tmp_path / "reliability.json"
+    assert reliability.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "reliability" and "--quick" in r["command"] and MACHINE_KEYS <= set(r["machine"])
+    assert [row["ids"] for row in r["seen_ids"]] == [64, 1024, 8192]
+    assert all(row["add_s"] > 0 and row["bitmap_bytes"] == (10_000 + 7) // 8 for row in r["seen_ids"])
+    assert 0 < r["guard"]["before_step_s"] + r["guard"]["finite_check_s"] < r["guard"]["step_s"]
+    assert r["state"]["position_bytes"] == 9 * ((10_000 + 7) // 8)
+    assert r["saves"]["save_mid_epoch_s"] > 0 and r["saves"]["first_batch_resumed_late_s"] > 0

@@ -60,6 +60,7 @@ def test_keep_old_config(tmp_path: Path) -> None:
     assert keep_old_config(path, "a: 1\n") is None                                        # nothing there yet
     path.write_text("a: 1\n")
     assert keep_old_config(path, "a: 1\n") is None and path.read_text() == "a: 1\n"        # same settings
+    assert keep_old_config(path, 'a: 1\nresume: "latest"\n') is None                     # --resume is no setting
     kept = keep_old_config(path, "a: 2\n")
     assert kept is not None and kept.read_text() == "a: 1\n" and not path.exists()
     assert kept.name.startswith("config.") and kept.suffix == ".yaml"
