@@ -61,10 +61,10 @@ def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
         seen["ids"].append(batch.ids.clone())
         return step(batch, parts, epoch=epoch)
 
-    def record_state(parts, state, run_dir):                                    # what THIS rank holds at save time
+    def record_state(parts, state, run_dir, run=None):                          # what THIS rank holds at save time
         seen["state"] = {"glofnd": {"img": parts.fnd_img.state_dict(), "txt": parts.fnd_txt.state_dict()},
                          "loss": parts.loss_fn.state_dict(), "state_dict": checkpoint.plain_state_dict(parts.model)}
-        save_checkpoints(parts, state, run_dir)
+        save_checkpoints(parts, state, run_dir, run)
 
     def record_save(ckpt, path):
         seen["saves"].append(Path(path).name)
