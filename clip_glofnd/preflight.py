@@ -3,8 +3,8 @@
 A missing evaluation set used to surface after the first epoch had trained, an unknown --model only when the model
 was built; here every path and name is checked in well under a second: the model name (open_clip's config folder,
 read without importing open_clip, plus our packaged configs and JSON files), --pretrained, every local training
-shard, --zeroshot-data / --retrieval-data, --resume, and that --logs can be written. Relative paths resolve against
-the current folder, as the run will.
+shard, --zeroshot-data / --retrieval-data, --eval-suite's data sets, --resume, and that --logs can be written.
+Relative paths resolve against the current folder, as the run will.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def check_run(cfg: TrainConfig) -> None:
     _named("--zeroshot-data", open_datasets, zeroshot_data=cfg.run.zeroshot_data)
     _named("--retrieval-data", open_datasets, retrieval_data=cfg.run.retrieval_data)
     open_datasets(cfg.run.zeroshot_data, cfg.run.retrieval_data)        # no two sets with one name
+    if cfg.run.eval_suite:
+        from clip_glofnd.suite import check_suite
+        check_suite(cfg.run.eval_suite, cfg.run.eval_dataset_root)       # every data set of the suite found
     if cfg.run.resume not in (None, "latest") and not Path(cfg.run.resume).is_file():
         raise UsageError(f"--resume {cfg.run.resume}: no such checkpoint file (or pass --resume latest)")
     check_writable(cfg.run.logs, "--logs")
