@@ -174,25 +174,26 @@ def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, tx
     if parts.cfg.fnd.variant == "oracle" and batch.labels is None:
         raise UsageError("--fnd oracle needs class labels: the shards have no `cls` member")
     b, B = img.shape[0], img_all.shape[0]
-    neg = ~losses.positive_mask(b, B, parts.dist.rank * b, img.device)               # [b, B] off the positive column
+    positive = torch.arange(b, device=img.device) + parts.dist.rank * b               # [b] column of each positive
     sims = {"img": img.detach().float() @ txt_all.detach().float().T,               # [b, B] image anchors vs texts
             "txt": txt.detach().float() @ img_all.detach().float().T}               # [b, B] text anchors vs images
+    same = None
+    if batch.labels is not None:                                                       # same-class negatives [b, B]
+        same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0)
+        same.scatter_(1, positive[:, None], False)
     keeps, stats = {}, {}
     for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-        fnd.update(sims[name], batch.ids, epoch, neg_mask=neg)
-        keeps[name] = fnd.keep_mask(sims[name], batch.ids, epoch, neg_mask=neg, labels=batch.labels,
-                                    candidate_labels=labels_all)                     # [b, B] True = stays
-        is_fn = ~keeps[name] & neg                                                     # [b, B] filtered out
-        stats[f"filtered_{name}"] = is_fn.sum() / neg.sum().clamp_min(1)
-        if batch.labels is not None:                                                   # against the labels
-            same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0) & neg  # [b, B]
+        keeps[name], lam = fnd.update_and_mask(sims[name], batch.ids, epoch, positive=positive, labels=batch.labels,
+                                               candidate_labels=labels_all)            # [b, B] True = stays, [b] λ
+        is_fn = ~keeps[name]                                                           # [b, B] filtered out (the
+        stats[f"filtered_{name}"] = is_fn.sum() / max(b * (B - 1), 1)                  # positive always stays)
+        if same is not None:                                                           # against the labels
             stats[f"fn_precision_{name}"] = (is_fn & same).sum() / is_fn.sum().clamp_min(1)
             stats[f"fn_true_{name}"] = (is_fn & same).sum()                            # filtered, same class
             stats[f"fn_false_{name}"] = (is_fn & ~same).sum()                          # filtered, other class
             stats[f"fn_present_{name}"] = same.sum()                                   # same-class negatives
         if parts.cfg.fnd.variant == "glofnd":
-            lam = fnd.threshold[batch.ids.to(fnd.threshold.device)]                  # [b] this batch's anchors
-            quantiles = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], device=lam.device))
+            quantiles = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], device=lam.device))   # this batch's anchors
             stats.update({f"lam_{name}_p{p}": q for p, q in zip((10, 50, 90), quantiles)})
     return keeps["img"], keeps["txt"], stats
 
