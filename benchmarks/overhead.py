@@ -341,7 +341,7 @@ def _bench_config(parts: Parts, ns: argparse.Namespace, b: int, m: int) -> dict[
         "mask_vs_read": row["mask_one_s"] / row["read_s"],
         "compare_vs_read": row["compare_s"] / row["read_s"],
     }
-    logger.info("b=%d M=%d: step %.3f s, update+mask %.2f%% of it", b, m, plain, row["update_mask_pct"])
+    logger.info("b=%d M=%d: step %.3f s, fused update+mask %.2f%% of it", b, m, plain, row["fused_pct"])
     return row
 
 

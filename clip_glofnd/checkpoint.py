@@ -13,8 +13,22 @@ Writes are atomic (a temporary file in the same folder, then os.replace), so a c
 `epoch_latest.pt`; a failed write (disk full) is a one-line error naming the file and the free space, and the previous
 file stays. A kill during a write can leave `.NAME.tmp-PID` files: `remove_stale_temps` deletes them at start.
 `--resume latest` takes the newest file (by step) of `epoch_latest.pt` and `epoch_N.pt` that loads and validates (zip
-CRCs, the keys, finite tensors), and says why it skipped the others. End-of-epoch files resume under any world size;
-a mid-epoch `epoch_latest.pt` (--save-every-n-steps) carries each rank's data position and needs the same one.
+CRCs, the keys, finite tensors, the state shards it names), and says why it skipped the others. End-of-epoch files
+resume under any world size and placement; a mid-epoch `epoch_latest.pt` (--save-every-n-steps) carries each rank's
+data position and needs the same one.
+
+Per-sample state sharded by id (--state-sharding by-id; clip_glofnd/state.py) is not gathered: each rank r of W
+writes the rows it holds (ids r, r + W, r + 2W, ...) to its own file beside the main one,
+``state-step{S}-rank{r}-of-{W}.pt`` = {"format", "step", "rank", "world_size", "num_samples", "rows": {"fnd_img":
+{lam, m, v, steps}, "fnd_txt": ..., "loss": {u_img, u_txt}}}, all ranks in parallel; then rank 0 writes the main
+file(s), whose "glofnd" entries are empty, whose "loss" keeps only non-row state (τ), and whose "state_shards" =
+{"world_size", "num_samples", "step", "files"} names the shards. The main file is the commit point: shard names
+carry the step, so writing a new checkpoint never overwrites the shards an existing one names, and a crash before
+the main file leaves the previous checkpoint whole; shards no main file names are deleted after each save. Resume
+reads the shards one at a time (memory-mapped; their tensors checked finite as they are read) and each rank keeps
+the rows it holds under the new world size and placement, so a checkpoint resumes under any world size, sharded or
+not, and a replicated checkpoint resumes into a sharded run. `open_clip.create_model_and_transforms(arch,
+pretrained=main file)` loads the weights either way.
 """
 from __future__ import annotations
 
@@ -37,6 +51,8 @@ from clip_glofnd.errors import UsageError
 logger = logging.getLogger(__name__)
 
 LATEST = "epoch_latest.pt"
+SHARD_FORMAT = "clip_glofnd per-sample state shard v1"
+_SHARD_GLOB = "state-step*-rank*-of-*.pt"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -148,6 +164,8 @@ def validate(path: str | Path) -> dict[str, Any]:
     bad = nonfinite_entries(ckpt)
     if bad:
         raise UsageError(f"--resume {path}: non-finite values in {', '.join(bad[:3])}")
+    for _ in _open_shards(ckpt, path):                                   # every shard it names is there and fits
+        pass
     return ckpt
 
 
@@ -273,9 +291,81 @@ def plain_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
 def check_compatible(ckpt: dict[str, Any], path: str | Path, num_samples: int) -> None:
     """UsageError when a checkpoint's per-sample state was written for another --num-samples (another data set)."""
     lam = ckpt.get("glofnd", {}).get("img", {}).get("lam")
-    if lam is not None and lam.numel() != num_samples:
-        raise UsageError(f"--resume {path}: per-sample state for {lam.numel()} samples, this run has "
+    saved = ckpt["state_shards"]["num_samples"] if "state_shards" in ckpt else None if lam is None else lam.numel()
+    if saved is not None and saved != num_samples:
+        raise UsageError(f"--resume {path}: per-sample state for {saved} samples, this run has "
                          f"{num_samples} (--num-samples / sizes.json); resume on the same data")
+
+
+def shard_name(step: int, rank: int, world_size: int) -> str:
+    """File name of rank `rank`'s per-sample state at optimizer step `step`."""
+    return f"state-step{step}-rank{rank}-of-{world_size}.pt"
+
+
+def shard_manifest(step: int, world_size: int, num_samples: int) -> dict[str, Any]:
+    """The main file's "state_shards" entry: which files hold the per-sample rows."""
+    return {"world_size": world_size, "num_samples": num_samples, "step": step,
+            "files": [shard_name(step, rank, world_size) for rank in range(world_size)]}
+
+
+def save_shard(folder: str | Path, *, step: int, rank: int, world_size: int, num_samples: int,
+               rows: dict[str, dict[str, Tensor]]) -> Path:
+    """Write this rank's rows (ids rank, rank + W, ...; {holder: {key: tensor}}) atomically beside the checkpoints."""
+    payload = {"format": SHARD_FORMAT, "step": step, "rank": rank, "world_size": world_size,
+               "num_samples": num_samples, "rows": rows}
+    return save_atomic(payload, Path(folder) / shard_name(step, rank, world_size))
+
+
+def read_shards(ckpt: dict[str, Any], path: str | Path) -> Iterator[tuple[Tensor, dict[str, dict[str, Tensor]]]]:
+    """(global ids [R], rows) of each shard a checkpoint names, one file at a time (memory-mapped); nothing for a
+    checkpoint that keeps its per-sample state inside. UsageError naming the file when one is missing, foreign or
+    holds non-finite values."""
+    for file, ids, shard in _open_shards(ckpt, path):
+        bad = nonfinite_entries(shard["rows"])
+        if bad:
+            raise UsageError(f"--resume {path}: non-finite values in its shard {file.name} ({', '.join(bad[:3])})")
+        yield ids, shard["rows"]
+
+
+def _open_shards(ckpt: dict[str, Any], path: str | Path) -> Iterator[tuple[Path, Tensor, dict[str, Any]]]:
+    """(file, ids, memory-mapped shard) of each shard a checkpoint names, checked against its manifest."""
+    manifest = ckpt.get("state_shards")
+    if manifest is None:
+        return
+    world, n = manifest["world_size"], manifest["num_samples"]
+    for rank, name in enumerate(manifest["files"]):
+        file = Path(path).parent / name
+        if not file.is_file():
+            raise UsageError(f"--resume {path}: its per-sample state shard {file} is missing; every rank's "
+                             f"state-step*-rank*-of-{world}.pt file must stay beside the checkpoint")
+        shard = _read(file, mmap=True)
+        found = {k: shard.get(k) for k in ("format", "step", "rank", "world_size", "num_samples")}
+        wanted = {"format": SHARD_FORMAT, "step": manifest["step"], "rank": rank, "world_size": world,
+                  "num_samples": n}
+        if found != wanted:
+            raise UsageError(f"--resume {path}: shard {file} is {found}, the checkpoint expects {wanted}")
+        yield file, torch.arange(rank, n, world), shard
+
+
+def remove_unreferenced_shards(folder: str | Path) -> None:
+    """Delete the shard files that no checkpoint in `folder` names (rank 0, after writing). Keeps everything when a
+    checkpoint there cannot be read (its shards are unknown)."""
+    folder = Path(folder)
+    if not any(folder.glob(_SHARD_GLOB)):
+        return
+    referenced: set[str] = set()
+    for main in folder.glob("*.pt"):
+        if main.match(_SHARD_GLOB):
+            continue
+        try:
+            ckpt = _read(main, mmap=True)
+        except UsageError:                                              # unreadable: keep every shard
+            logger.warning("%s cannot be read; its state shards (if any) are unknown, none deleted", main)
+            return
+        referenced.update(ckpt.get("state_shards", {}).get("files", []))
+    for shard in folder.glob(_SHARD_GLOB):
+        if shard.name not in referenced:
+            shard.unlink(missing_ok=True)
 
 
 def make_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, fnd_img: Any, fnd_txt: Any,

@@ -1,8 +1,8 @@
 """Training configuration: typed, grouped dataclasses that generate the `clip-glofnd train` flags.
 
-One frozen dataclass per concern (data, model, loss, false-negative filter, optimisation, run); each field is one flag,
-named like OpenCLIP's where OpenCLIP has it (`--train-data`, `--batch-size`, `--lr`, `--wd`, `--warmup`, `--resume`,
-...) and prefixed otherwise (`--loss-*`, `--fnd-*`). Values are validated when the dataclasses are built, so a bad
+One frozen dataclass per concern (data, model, loss, false-negative filter, optimisation, run, per-sample state);
+each field is one flag, named like OpenCLIP's where OpenCLIP has it (`--train-data`, `--batch-size`, `--lr`, `--wd`,
+`--warmup`, `--resume`, ...) and prefixed otherwise (`--loss-*`, `--fnd-*`, `--state-*`). Values are validated when the dataclasses are built, so a bad
 combination fails at parse time with the flag names in the message. `--config FILE` (YAML, JSON or TOML; keys are the
 flag names without dashes) sets defaults that command-line flags override, as timm's two-stage parse; the resolved
 config written to the run folder (`config.yaml`) is such a file. Stdlib only, so `clip-glofnd train --help` is fast:
@@ -233,8 +233,26 @@ class RunConfig(_Section):
         )
 
 
+@dataclass(frozen=True)
+class StateConfig(_Section):
+    """Placement of the per-sample state: λ, Adam moments and u, 40 B per sample (clip_glofnd/state.py)."""
+
+    PREFIX: ClassVar[str] = "state"
+    TITLE: ClassVar[str] = "per-sample state"
+    device: Literal["train", "cpu"] = _opt(
+        "train", "train (the training device) or cpu (host memory: only the batch's rows go to the device each step)")
+    sharding: Literal["replicated", "by-id"] = _opt(
+        "replicated", "replicated (every rank holds all n rows; one all-gather of the written rows per step) or by-id "
+                      "(rank r holds ids = r mod W, n/W rows; two all-to-alls of the batch's rows per step; at world "
+                      "size 1 its one shard holds every row)")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+
 SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig,
-                                       "fnd": FndConfig, "optim": OptimConfig, "run": RunConfig}
+                                       "fnd": FndConfig, "optim": OptimConfig, "run": RunConfig,
+                                       "state": StateConfig}
 
 
 @dataclass(frozen=True)
@@ -247,6 +265,7 @@ class TrainConfig:
     fnd: FndConfig = field(default_factory=FndConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
         if self.optim.accum_freq > 1 and self.loss.name != "clip":

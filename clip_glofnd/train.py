@@ -1,16 +1,19 @@
 """The training loop of `clip-glofnd train`: OpenCLIP's trainer plus per-sample state that survives restarts.
 
 Per step (`train_step`, the one place where model, filter, loss and collectives meet): features -> gather over
-ranks -> detached similarities [b, B] -> GloFND for image anchors and for text anchors (update λ, then mask with the
-updated λ, as the authors' code does) -> loss -> backward -> optimizer step -> sync the per-sample rows. The
-per-sample state (λ, Adam moments for both modalities, the loss's u) lives outside the DDP model and is identical on
-every rank; rank 0 logs, writes checkpoints and evaluates while the others wait at a barrier.
+ranks -> the local anchors' per-sample rows (`StateStore.fetch`) -> detached similarities [b, B] -> GloFND for image
+anchors and for text anchors (update λ, then mask with the updated λ, as the authors' code does) -> loss -> backward
+-> optimizer step -> the rows back to their place (`StateStore.commit`). The per-sample state (λ, Adam moments for
+both modalities, the loss's u) lives outside the DDP model, replicated on every rank (on the training device or in
+CPU memory) or sharded by id (clip_glofnd/state.py); rank 0 logs, writes checkpoints and evaluates while the others
+wait at a barrier. Sharded state is written by every rank into its own file beside rank 0's (checkpoint.py).
 
 Resume is exact: checkpoints carry the RNG states, each epoch's data order is a function of (seed, epoch), and a
 checkpoint written inside an epoch (--save-every-n-steps) carries every rank's data position (data.TrainLoader
 .state_dict), so a run killed anywhere and resumed gives the weights, λ and u of an uninterrupted one on a
-deterministic (CPU) run. The state is full on every rank, so an end-of-epoch checkpoint resumes under another world
-size too; the lr schedule then continues from the position it had reached (resume.continue_schedule).
+deterministic (CPU) run. An end-of-epoch checkpoint resumes under another world size and another placement too
+(sharded state is re-partitioned on load); the lr schedule then continues from the position it had reached
+(resume.continue_schedule).
 
 Faults: a step with non-finite features, loss or gradients is skipped on every rank and undone (`_skip_step`), and
 the run stops after --max-nonfinite-steps in a row; nothing non-finite is written; a failed save, an unwritable run
@@ -44,6 +47,7 @@ from clip_glofnd.resume import Schedule, changed_settings, continue_schedule, ke
 from clip_glofnd.resume import lr_factor  # noqa: F401  (train.lr_factor: the schedule, importable from here too)
 from clip_glofnd.seen import SeenIds
 from clip_glofnd.shards import resolve_shards
+from clip_glofnd.state import StateStore, working_rows
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class Parts:
     fnd_txt: GloFND                            # thresholds of text anchors (vs all images)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    store: StateStore                          # where the per-sample rows of fnd_img, fnd_txt, loss_fn live
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -123,22 +128,28 @@ def make_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> to
 
 
 def build_parts(cfg: TrainConfig, dist: DistInfo, model: nn.Module, num_samples: int) -> Parts:
-    """Loss, both GloFND states, DDP wrapper, optimizer and scaler around a created model."""
+    """Loss, both GloFND states and where their rows live, DDP wrapper, optimizer and scaler around a created model.
+
+    In the default placement fnd_img, fnd_txt and loss_fn hold all num_samples rows; otherwise --batch-size working
+    rows that the store fills each step (clip_glofnd/state.py)."""
     model = model.to(dist.device)
-    loss_fn = losses.create_loss(cfg.loss.name, num_samples, **loss_options(cfg)).to(dist.device)
+    rows = working_rows(num_samples, cfg.optim.batch_size, cfg.state.device, cfg.state.sharding)
+    loss_fn = losses.create_loss(cfg.loss.name, rows, **loss_options(cfg)).to(dist.device)
     if cfg.loss.name != "clip":
         model.logit_scale.requires_grad_(False)              # SogCLR / FastCLIP own τ
         mirror_temperature(model, loss_fn)
     fnd = cfg.fnd
     fnd_kwargs = dict(alpha=fnd.alpha, lr=fnd.lr, start_epoch=fnd.start_epoch, mask_start_epoch=fnd.mask_start_epoch,
                       mode=fnd.variant, bias_correction=fnd.bias_correction, init=fnd.init, device=dist.device)
-    fnd_img, fnd_txt = GloFND(num_samples, **fnd_kwargs), GloFND(num_samples, **fnd_kwargs)
+    fnd_img, fnd_txt = GloFND(rows, **fnd_kwargs), GloFND(rows, **fnd_kwargs)
+    store = StateStore({"fnd_img": fnd_img, "fnd_txt": fnd_txt, "loss": loss_fn}, num_samples, dist,
+                       device=cfg.state.device, sharding=cfg.state.sharding, batch_size=cfg.optim.batch_size)
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = make_optimizer(model, loss_fn, cfg)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.model.precision == "amp")
-    return Parts(cfg, dist, model, loss_fn, fnd_img, fnd_txt, optimizer, scaler)
+    return Parts(cfg, dist, model, loss_fn, fnd_img, fnd_txt, optimizer, scaler, store)
 
 
 @torch.no_grad()
@@ -161,13 +172,16 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 # ---------------------------------------------------------------------------------------------------------- step
 @torch.no_grad()
 def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, batch: Batch,
-                     labels_all: Tensor | None, epoch: int) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
+                     labels_all: Tensor | None, epoch: int, ids: Tensor | None = None
+                     ) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
     """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered; when the
     shards carry labels, its share of same-class pairs (fn_precision_*) and the counts fn_true_* (filtered, same
     class), fn_false_* (filtered, other class), fn_present_* (same-class negatives); λ quantiles of the batch.
 
-    λ is updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
-    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`).
+    `ids` [b]: the anchors' rows in fnd_img / fnd_txt (what `parts.store.fetch` returned; default batch.ids). λ is
+    updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
+    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`), in one
+    `GloFND.update_and_mask` call per modality.
     """
     if parts.cfg.fnd.variant == "none":
         return None, None, {}
@@ -183,7 +197,8 @@ def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, tx
         same.scatter_(1, positive[:, None], False)
     keeps, stats = {}, {}
     for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-        keeps[name], lam = fnd.update_and_mask(sims[name], batch.ids, epoch, positive=positive, labels=batch.labels,
+        keeps[name], lam = fnd.update_and_mask(sims[name], batch.ids if ids is None else ids, epoch,
+                                               positive=positive, labels=batch.labels,
                                                candidate_labels=labels_all)            # [b, B] True = stays, [b] λ
         is_fn = ~keeps[name]                                                           # [b, B] filtered out (the
         stats[f"filtered_{name}"] = is_fn.sum() / max(b * (B - 1), 1)                  # positive always stays)
@@ -252,9 +267,10 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     batch = batch.to(dist.device, non_blocking=True)
     b = len(batch)
     ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                         # [B]
+    state_ids = parts.store.fetch(batch.ids, ids_all)                   # [b] the anchors' rows in fnd_* and loss_fn
     labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
     micro = _micro_batches(batch, cfg.optim.accum_freq)
-    undo = _before_step(parts, batch.ids)
+    undo = _before_step(parts, state_ids)
     parts.optimizer.zero_grad(set_to_none=True)
     cached = _cached_features(parts, micro)
     for j, chunk in enumerate(micro):
@@ -271,18 +287,18 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
                 if not bool(torch.isfinite(img_all).all() & torch.isfinite(txt_all).all()):   # same on all ranks
                     return _skip_step(parts, undo)
                 keep_i2t, keep_t2i, fnd_stats = filter_negatives(parts, img, txt, img_all, txt_all, batch,
-                                                                 labels_all, epoch)
+                                                                 labels_all, epoch, ids=state_ids)
             # loss
             loss, loss_metrics = parts.loss_fn(
-                img, txt, img_all, txt_all, ids=batch.ids, ids_all=ids_all, epoch=epoch, keep_i2t=keep_i2t,
+                img, txt, img_all, txt_all, ids=state_ids, ids_all=ids_all, epoch=epoch, keep_i2t=keep_i2t,
                 keep_t2i=keep_t2i, offset=dist.rank * b, logit_scale=logit_scale if last else logit_scale.detach())
             # backward
             parts.scaler.scale(loss).backward()
     if not _finite_step(parts, loss):
         return _skip_step(parts, undo)
     _optimizer_step(parts)
-    # per-sample state: each rank wrote the rows of its own anchors; make every rank hold all of them
-    distributed.sync_rows([parts.fnd_img, parts.fnd_txt, parts.loss_fn], batch.ids, dist)
+    # per-sample state: each rank wrote the rows of its own anchors; back to where they live (all ranks agree)
+    parts.store.commit()
     values = torch.stack([loss.detach().float(), *[v.float() for v in fnd_stats.values()]]).tolist()
     return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:])), "nonfinite": 0.0}
 
@@ -307,10 +323,12 @@ def _before_step(parts: Parts, ids: Tensor) -> _Undo:
 
 @torch.no_grad()
 def _skip_step(parts: Parts, undo: _Undo) -> dict[str, float]:
-    """Drop the step's gradients and put back its per-sample rows and buffers; the metrics of a skipped step."""
+    """Drop the step's gradients and put back its per-sample rows and buffers; the metrics of a skipped step. Rows
+    lent by the store (placements other than the default) are dropped, never written back."""
     parts.optimizer.zero_grad(set_to_none=True)
     for holder, rows in zip((parts.fnd_img, parts.fnd_txt, parts.loss_fn), undo.rows):
         holder.import_rows(undo.ids, rows)
+    parts.store.discard()
     for buf, old in undo.buffers:
         buf.copy_(old)
     return {"loss": math.nan, "nonfinite": 1.0}
@@ -492,50 +510,87 @@ def check_across_ranks(batch: Batch, run: EpochRun, parts: Parts) -> None:
 
 def end_of_epoch(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, means: dict[str, float],
                  seconds: float) -> None:
-    """Rank 0: epoch record (means, time, λ quantiles over samples seen at least once) and the λ histogram PNG."""
+    """Rank 0: epoch record (means, time, λ quantiles over samples seen at least once) and the λ histogram PNG.
+
+    With --state-sharding by-id rank 0 holds the ids ≡ 0 (mod W) only: the λ statistics are of that 1/W sample
+    (seen_* counts it), and the record says so under "lam_stats_of"."""
     if not is_main(parts.dist):
         return
     record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "epoch_time": seconds,
                               **{f"epoch_{k}": v for k, v in means.items()}}
+    store = parts.store
     if parts.cfg.fnd.variant == "glofnd":
-        for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-            seen = fnd.steps > 0                                                       # [n] updated at least once
-            record.update(lambda_quantiles(fnd.threshold, seen, f"lam_{name}_seen"))
-            record[f"seen_{name}"] = int(seen.sum())
-        plot_lambda(run_dir / f"lambda_epoch_{state.epoch}.png", parts.fnd_img.threshold, parts.fnd_img.steps > 0,
-                    parts.fnd_txt.threshold, parts.fnd_txt.steps > 0, title=f"{run_dir.name}: λ after epoch "
-                                                                            f"{state.epoch}")
+        lam = {name: store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}          # [rows held]
+        seen = {name: store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}   # updated at least once
+        for name in ("img", "txt"):
+            record.update(lambda_quantiles(lam[name], seen[name], f"lam_{name}_seen"))
+            record[f"seen_{name}"] = int(seen[name].sum())
+        if store.world > 1:
+            record["lam_stats_of"] = f"ids = {store.rank} mod {store.world} (rank 0's shard)"
+        plot_lambda(run_dir / f"lambda_epoch_{state.epoch}.png", lam["img"], seen["img"], lam["txt"], seen["txt"],
+                    title=f"{run_dir.name}: λ after epoch {state.epoch}")
     log.log(record)
 
 
 def save_checkpoints(parts: Parts, state: Progress, run_dir: Path, run: EpochRun | None = None) -> None:
     """Rank 0 writes epoch_latest.pt (always) and, at an epoch's end, epoch_N.pt (every --save-frequency epochs and
     the last). Inside an epoch (state.batch > 0, --save-every-n-steps) only epoch_latest.pt, with every rank's data
-    position. Non-finite weights or state are never written; a failed write stops every rank with one line."""
-    cfg = parts.cfg
+    position. With sharded state every rank first writes its rows to its own file, which the main files name
+    (checkpoint.save_shard). Non-finite weights or state are never written; a failed write stops every rank with one
+    line."""
+    cfg, store = parts.cfg, parts.store
     data: dict[str, Any] = {"epoch": state.epoch, "batch": state.batch, "samples_seen": state.samples_seen,
                             "progress": state.state_dict()}
     if run is not None:
         data.update(schedule=run.schedule.state_dict(), steps=[run.loader.num_batches, cfg.optim.epochs])
     if state.batch:
         data.update(_epoch_position(run, parts.dist))                          # a collective: every rank's loader
+    folder = checkpoint.checkpoint_dir(run_dir)
+    if store.sharded:
+        _save_shard(parts, state, folder)                                      # every rank, before the main files
 
     def write() -> None:
+        views = store.views(rows_in_file=not store.sharded)
         ckpt = checkpoint.make_state(
-            model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=parts.fnd_img,
-            fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=state.epoch, step=state.step, name=cfg.run.name,
+            model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=views["fnd_img"],
+            fnd_txt=views["fnd_txt"], loss_fn=views["loss"], epoch=state.epoch, step=state.step, name=cfg.run.name,
             config=to_flat(cfg), data=data)
         bad = checkpoint.nonfinite_entries({key: ckpt[key] for key in ("state_dict", "optimizer", "glofnd", "loss")})
         if bad:
             raise TrainingStopped(f"not writing a checkpoint at step {state.step}: non-finite values in "
                                   f"{', '.join(bad[:3])}; the last checkpoint in {run_dir} is the latest good state")
-        folder = checkpoint.checkpoint_dir(run_dir)
+        if store.sharded:
+            ckpt["state_shards"] = checkpoint.shard_manifest(state.step, parts.dist.world_size, store.num_samples)
         every = cfg.run.save_frequency
         if not state.batch and every and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
             checkpoint.save_atomic(ckpt, folder / f"epoch_{state.epoch}.pt")
         checkpoint.save_atomic(ckpt, folder / checkpoint.LATEST)
+        checkpoint.remove_unreferenced_shards(folder)
 
     on_main(parts.dist, write)
+
+
+def _save_shard(parts: Parts, state: Progress, folder: Path) -> None:
+    """Every rank writes the per-sample rows it holds (sharded state); non-finite rows or a failed write on any rank
+    stop every rank, before any main file names the shards."""
+    dist, store = parts.dist, parts.store
+    rows = store.held_rows()
+    bad = checkpoint.nonfinite_entries(rows)
+    error: UsageError | None = None
+    if bad:
+        error = TrainingStopped(f"not writing a checkpoint at step {state.step}: non-finite values in rank "
+                                f"{dist.rank}'s rows ({', '.join(bad[:3])}); the last checkpoint in {folder} is the "
+                                f"latest good state")
+    else:
+        try:
+            checkpoint.save_shard(folder, step=state.step, rank=dist.rank, world_size=dist.world_size,
+                                  num_samples=store.num_samples, rows=rows)
+        except UsageError as caught:
+            error = caught
+    if not distributed.all_true(torch.tensor(error is None), dist):           # same verdict on every rank
+        raise error or TrainingStopped(f"not writing a checkpoint at step {state.step}: another rank could not "
+                                       f"write its per-sample state shard (its log says why); the last checkpoint "
+                                       f"in {folder} is the latest good state")
 
 
 def _epoch_position(run: EpochRun, dist: DistInfo) -> dict[str, Any]:
@@ -629,8 +684,11 @@ def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> t
         return Progress(), {}
     path, ckpt = found
     checkpoint.check_compatible(ckpt, path, num_samples)
+    views = parts.store.views(rows_in_file="state_shards" not in ckpt)
     checkpoint.restore(ckpt, path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
-                       fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
+                       fnd_img=views["fnd_img"], fnd_txt=views["fnd_txt"], loss_fn=views["loss"])
+    for ids, rows in checkpoint.read_shards(ckpt, path):                     # sharded state: re-partitioned here
+        parts.store.load_rows(ids, rows)
     changes = changed_settings(ckpt.get("config", {}), to_flat(cfg))
     if changes and is_main(parts.dist):
         logger.warning("resuming %s with changed settings: %s", path, "; ".join(changes))

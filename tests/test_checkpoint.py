@@ -221,3 +221,50 @@ def test_load_errors_never_advise_unsafe_loading(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="holds a print object, which weights-only loading refuses") as error:
         checkpoint.load(path)
     assert "weights_only" not in str(error.value)
+
+
+def _rows(rank: int, world: int, n: int) -> dict:
+    """A shard's rows, tagged with their global ids (so a mix-up between files shows)."""
+    ids = torch.arange(rank, n, world, dtype=torch.float32)
+    return {"fnd_img": {"lam": ids / 100}, "loss": {"u_img": ids}}
+
+
+def test_sharded_state_files_manifest_read_back_and_cleanup(tmp_path: Path) -> None:
+    """Each rank's file + a main file naming them: read_shards yields (ids, rows) per file; shards no main file names
+    are deleted after a save, the named ones kept; check_compatible reads num_samples from the manifest."""
+    n, world = 7, 2
+    for rank in range(world):
+        checkpoint.save_shard(tmp_path, step=3, rank=rank, world_size=world, num_samples=n, rows=_rows(rank, world, n))
+    checkpoint.save_shard(tmp_path, step=1, rank=0, world_size=1, num_samples=n, rows=_rows(0, 1, n))   # stale
+    main = {"state_dict": {}, "state_shards": checkpoint.shard_manifest(3, world, n)}
+    checkpoint.save_atomic(main, tmp_path / checkpoint.LATEST)
+    checkpoint.remove_unreferenced_shards(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_latest.pt", "state-step3-rank0-of-2.pt",
+                                                          "state-step3-rank1-of-2.pt"]
+    shards = list(checkpoint.read_shards(torch.load(tmp_path / checkpoint.LATEST, weights_only=True),
+                                         tmp_path / checkpoint.LATEST))
+    assert [ids.tolist() for ids, _ in shards] == [[0, 2, 4, 6], [1, 3, 5]]
+    for ids, rows in shards:
+        assert rows["loss"]["u_img"].tolist() == ids.float().tolist()
+        torch.testing.assert_close(rows["fnd_img"]["lam"], ids.float() / 100)
+    checkpoint.check_compatible(main, "ckpt", n)
+    with pytest.raises(UsageError, match="per-sample state for 7 samples, this run has 8"):
+        checkpoint.check_compatible(main, "ckpt", n + 1)
+    assert list(checkpoint.read_shards({"state_dict": {}}, "full.pt")) == []         # state inside the main file
+
+
+def test_read_shards_refuses_missing_or_foreign_files(tmp_path: Path) -> None:
+    main = {"state_shards": checkpoint.shard_manifest(5, 2, 6)}
+    checkpoint.save_shard(tmp_path, step=5, rank=0, world_size=2, num_samples=6, rows=_rows(0, 2, 6))
+    with pytest.raises(UsageError, match="state-step5-rank1-of-2.pt is missing"):
+        list(checkpoint.read_shards(main, tmp_path / "epoch_2.pt"))
+    checkpoint.save_shard(tmp_path, step=5, rank=1, world_size=2, num_samples=7, rows=_rows(1, 2, 6))   # other data
+    with pytest.raises(UsageError, match="'num_samples': 7.*expects.*'num_samples': 6"):
+        list(checkpoint.read_shards(main, tmp_path / "epoch_2.pt"))
+
+
+def test_cleanup_keeps_every_shard_when_a_checkpoint_is_unreadable(tmp_path: Path) -> None:
+    checkpoint.save_shard(tmp_path, step=1, rank=0, world_size=1, num_samples=3, rows=_rows(0, 1, 3))
+    (tmp_path / "epoch_1.pt").write_bytes(b"not a zip")
+    checkpoint.remove_unreferenced_shards(tmp_path)
+    assert (tmp_path / "state-step1-rank0-of-1.pt").is_file()

@@ -3,8 +3,9 @@
 Two spawned processes get torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and run
 `cli.main(["train", ...])` for one epoch on the digits shards with zero-shot evaluation after the epoch (rank 0
 evaluates, rank 1 waits at the barrier). Oracles: the ids each rank trained on (recorded around `train.train_step`),
-the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. Every
-multi-process job has a deadline, so a hang fails instead of blocking CI.
+the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. The same
+first epoch with `--state-sharding by-id --state-device cpu` must end with the replicated run's weights and state
+(slow: two more processes). Every multi-process job has a deadline, so a hang fails instead of blocking CI.
 """
 from __future__ import annotations
 
@@ -108,6 +109,44 @@ def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     last = torch.load(logs / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     return {"ranks": ranks, "run_dir": logs / "run", "first": first, "rc": rc, "last": last,
             "resumed_ids": torch.cat(resumed_ids)}
+
+
+@pytest.fixture(scope="module")
+def by_id_run(runs: dict[str, Any], digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The first epoch of `runs` again on 2 ranks, with the per-sample state in CPU memory and sharded by id."""
+    tmp = tmp_path_factory.mktemp("train_dist_by_id")
+    model = tmp / "clip-micro-ddp.json"
+    model.write_text(json.dumps(MICRO))
+    ranks = _spawn_ranks(_argv(digits_dir, str(model), tmp / "logs", 16, 1, "--state-sharding", "by-id",
+                               "--state-device", "cpu"), tmp)
+    return {"ranks": ranks, "folder": checkpoint.checkpoint_dir(tmp / "logs" / "run")}
+
+
+@pytest.mark.slow              # 2 more processes (~15-30 s); test_distributed.py checks by-id == replicated in CI
+def test_two_ranks_by_id_end_with_the_replicated_weights_and_state(runs: dict[str, Any],
+                                                                   by_id_run: dict[str, Any]) -> None:
+    """`clip-glofnd train --state-sharding by-id --state-device cpu` on 2 processes: each rank writes its shard, rank 0
+    the main file naming them; weights, optimizer, λ/m/v/steps and u equal the replicated run's epoch_1.pt."""
+    folder, first = by_id_run["folder"], runs["first"]
+    assert [r["rc"] for r in by_id_run["ranks"]] == [0, 0]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt", "state-step2-rank0-of-2.pt",
+                                                        "state-step2-rank1-of-2.pt"]
+    main = torch.load(folder / "epoch_1.pt", weights_only=True)
+    torch.testing.assert_close(main["state_dict"], first["state_dict"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(main["optimizer"]["state"], first["optimizer"]["state"], atol=1e-5, rtol=0)
+    n = first["loss"]["u_img"].numel()
+    tables: dict[str, dict[str, torch.Tensor]] = {"img": {}, "txt": {}, "loss": {}}
+    covered = torch.zeros(n, dtype=torch.long)
+    for ids, rows in checkpoint.read_shards(main, folder / "epoch_1.pt"):      # rank r's file: ids r, r + 2, ...
+        covered[ids] += 1
+        for name, target in (("fnd_img", "img"), ("fnd_txt", "txt"), ("loss", "loss")):
+            for key, value in rows[name].items():
+                tables[target].setdefault(key, torch.zeros(n, dtype=value.dtype))[ids] = value
+    assert (covered == 1).all()
+    for modality in ("img", "txt"):
+        torch.testing.assert_close(tables[modality], first["glofnd"][modality], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tables["loss"], {k: first["loss"][k] for k in ("u_img", "u_txt")}, atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_two_ranks_train_evaluate_and_rank0_writes_one_full_checkpoint(runs: dict[str, Any]) -> None:
