@@ -153,6 +153,11 @@ class StateStore:
             ids_all, *gathered = distributed.gather_rows([ids.to(torch.long), *fields], self.dist)     # [W·b]
             self._write(ids_all, gathered)
 
+    def discard(self) -> None:
+        """Forget the step in flight without writing its rows back (a skipped step): lent rows never reach the
+        tables; in the default placement the caller restores the rows it changed in place."""
+        self._step = None
+
     def _fetch_by_id(self, ids: Tensor, ids_all: Tensor) -> tuple[Rows, tuple[Tensor, list[int], list[int], Tensor]]:
         """Rows of `ids` from their owners (one all-to-all), and the plan that sends them back in commit()."""
         world, rank = self.dist.world_size, self.dist.rank

@@ -83,6 +83,17 @@ def test_memory_quick_matches_dtype_sizes(tmp_path: Path) -> None:
         assert row["row_bytes"] == INT64 + 2 * GLOFND_ROW + expected_loss[row["loss"]]
         assert row["send_bytes"] == row["batch"] * row["row_bytes"]
         assert row["recv_bytes_w2"] == 2 * row["send_bytes"]
+    rows = 2 * GLOFND_ROW + U_ROW                                             # 40 B per sample with SogCLR
+    placements = {(p["state_device"], p["state_sharding"]): p for p in r["placements"] if p["world_size"] == 2}
+    assert placements["train", "replicated"]["train_device_bytes_per_sample"] == rows
+    assert placements["cpu", "replicated"]["cpu_bytes_per_sample"] == rows
+    for device in ("train", "cpu"):                                            # by-id: 40·n/W + the working rows
+        where = "train_device" if device == "train" else "cpu"
+        assert placements[device, "by-id"][f"{where}_bytes_per_sample"] == rows / 2
+    working = placements["cpu", "by-id"]
+    assert working["train_device_constant_bytes"] == working["batch"] * rows and working["cpu_constant_bytes"] == 0
+    for row in r["exchange"]:                                                 # each rank: its b rows + those it owns
+        assert row["send_mean"] == row["recv_mean"] == 2 * row["batch"] * rows == row["formula_each_way"]
 
 
 @pytest.mark.parametrize("module", [overhead, memory], ids=["overhead", "memory"])

@@ -160,6 +160,12 @@ def test_lent_rows_write_back_with_repeated_ids() -> None:
     store.commit()
     lam = store.table("fnd_img", "lam")
     assert lam[[7, 2, 9]].tolist() == [0.5, 0.25, -0.5] and (lam[[0, 1, 3, 10]] == 1).all()
+    rows = store.fetch(torch.tensor([2, 4]), torch.tensor([2, 4]))                # a skipped step: discard()
+    fnd.lam[rows] = 0.0
+    store.discard()
+    assert lam[[2, 4]].tolist() == [0.25, 1.0]
+    with pytest.raises(RuntimeError, match="without a fetch"):
+        store.commit()
 
 
 @pytest.mark.gpu

@@ -201,12 +201,14 @@ def test_resume_on_one_process_continues_the_state(runs: dict[str, Any]) -> None
 
 
 def test_sync_share_quick(tmp_path: Path) -> None:
-    """benchmarks/sync_share.py --quick: 2 ranks, JSON with the command, machine, times and byte counts."""
+    """benchmarks/sync_share.py --quick: 2 ranks, replicated and by-id; JSON with the command, machine, times and byte
+    counts (by-id: each rank's b rows plus the rows it owns, each way; replicated: W·b rows in)."""
     out = tmp_path / "sync_share.json"
     assert sync_share.main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sync_share" and "--quick" in result["command"]
-    assert result["world_size"] == WORLD and "under_load" in result["machine"]
+    assert result["world_sizes"] == [WORLD] and "under_load" in result["machine"]
+    assert sorted(row["sharding"] for row in result["rows"]) == ["by-id", "replicated"]
     for row in result["rows"]:
         b, d = row["batch"], row["embed_dim"]
         assert 0 < row["sync_s"] < row["step_s"] and 0 < row["sync_isolated_s"] < row["step_s"]
@@ -214,8 +216,13 @@ def test_sync_share_quick(tmp_path: Path) -> None:
         bytes_ = row["bytes"]
         assert bytes_["features_send"] == 2 * b * d * 4 and bytes_["features_recv"] == WORLD * bytes_["features_send"]
         assert bytes_["ids_send"] == bytes_["labels_send"] == 8 * b
-        assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)                   # id + GloFND img/txt + u (sogclr)
-        assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
+        if row["sharding"] == "replicated":                                     # id + GloFND img/txt + u (sogclr)
+            assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)
+            assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
+        else:                                                                   # no ids: 40 B per row, 2 all-to-alls
+            assert bytes_["state_row_bytes_per_anchor"] == 2 * 16 + 8
+            assert bytes_["state_rows_send"] == bytes_["state_rows_recv"] == 2 * b * 40       # mean over the ranks
+            assert row["extrapolated"]["state_rows_recv"] == 2 * b * 40
 
 
 # --------------------------------------------------------------- mid-epoch checkpoint, 2 processes (issue 12)
