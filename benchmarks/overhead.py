@@ -1,7 +1,8 @@
 """GloFND's cost: share of a full CLIP training step, against one read of the similarity matrix, and vs n.
 
 Three measurements on one device (``--device cpu`` or ``cuda``); every time is the best of its repeats (one-sided
-noise on a shared machine; medians are kept in the JSON too):
+noise on a shared machine; medians are kept in the JSON too), and the direct calls of one (b, M) are timed
+interleaved (one block of each per repeat, order rotated), so that load changes hit them alike:
 
 1. **Step share.** A full training step of a randomly initialised open_clip model (forward, loss, backward, AdamW
    step) on a local batch b, the gathered batch of M candidates simulated by concatenating the local features with
@@ -311,7 +312,8 @@ def _time_direct(
         "update_one": lambda: filters.img.update(sim_i2t, ids, 0, neg),
         "mask_one": lambda: filters.img.keep_mask(sim_i2t, ids, 0, neg),
     }
-    return {name: _time_micro(fn, device, ns) for name, fn in calls.items()}
+    return _common.time_interleaved(calls, device, warmup=2, repeats=ns.micro_repeats,
+                                    min_block_s=0.02 if device.type == "cuda" else 0.0)
 
 
 def _time_micro(fn: Callable[[], object], device: torch.device, ns: argparse.Namespace) -> dict[str, float]:

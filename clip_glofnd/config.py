@@ -1,8 +1,8 @@
 """Training configuration: typed, grouped dataclasses that generate the `clip-glofnd train` flags.
 
-One frozen dataclass per concern (data, model, loss, false-negative filter, optimisation, run, per-sample state);
-each field is one flag, named like OpenCLIP's where OpenCLIP has it (`--train-data`, `--batch-size`, `--lr`, `--wd`,
-`--warmup`, `--resume`, ...) and prefixed otherwise (`--loss-*`, `--fnd-*`, `--state-*`). Values are validated when the dataclasses are built, so a bad
+One frozen dataclass per concern (data, model, loss, false-negative filter, optimisation, run); each field is one flag,
+named like OpenCLIP's where OpenCLIP has it (`--train-data`, `--batch-size`, `--lr`, `--wd`, `--warmup`, `--resume`,
+...) and prefixed otherwise (`--loss-*`, `--fnd-*`). Values are validated when the dataclasses are built, so a bad
 combination fails at parse time with the flag names in the message. `--config FILE` (YAML, JSON or TOML; keys are the
 flag names without dashes) sets defaults that command-line flags override, as timm's two-stage parse; the resolved
 config written to the run folder (`config.yaml`) is such a file. Stdlib only, so `clip-glofnd train --help` is fast:

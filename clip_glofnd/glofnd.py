@@ -384,7 +384,8 @@ class GloFND:
         sim, ids, _ = self._check_values(sim, ids)
         return sim, ids, neg_mask
 
-    def _check_positive(self, sim: Tensor, ids: Tensor, positive: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _check_positive(self, sim: Tensor, ids: Tensor, positive: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
         """`_check` for `update_and_mask`: positive [B] integer columns in [0, M) (or None) instead of a neg_mask."""
         self._check_sim_shape(sim)
         if positive is None:
