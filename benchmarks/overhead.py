@@ -17,8 +17,8 @@ interleaved (one block of each per repeat, order rotated), so that load changes 
    must do: read sim once), and `sim > λ` (one comparison: the floor of any update written in torch ops). The
    target: update + mask of one modality (the fused call) within 2x one read.
 3. **Flat in n.** The fused call (both modalities) at fixed b, M for num_samples 1e4 .. 1e8, ids spread over
-   the whole table; the state (16 B per sample per modality) is allocated only when n ≤ --max-num-samples and the
-   device has twice its size free.
+   the whole table, timed interleaved; the state (16 B per sample per modality) is allocated only when n ≤
+   --max-num-samples and the device has twice its size free (with the smaller tables allocated).
 
 Prints tables and writes benchmarks/results/overhead_<device>.json (machine, threads, load, exact command). On a
 busy machine prefer ``--threads 1``: with every core oversubscribed, each multi-threaded op waits for its slowest,
@@ -316,12 +316,6 @@ def _time_direct(
                                     min_block_s=0.02 if device.type == "cuda" else 0.0)
 
 
-def _time_micro(fn: Callable[[], object], device: torch.device, ns: argparse.Namespace) -> dict[str, float]:
-    """time_call with the micro settings: 2 warm-up calls, --micro-repeats blocks, ≥ 20 ms blocks on CUDA."""
-    return _common.time_call(fn, device, warmup=2, repeats=ns.micro_repeats,
-                             min_block_s=0.02 if device.type == "cuda" else 0.0)
-
-
 def _bench_config(parts: Parts, ns: argparse.Namespace, b: int, m: int) -> dict[str, float]:
     """One (b, M) row: step times with/without GloFND, direct GloFND times, and their ratios."""
     inputs = make_inputs(parts.model, b, m, ns.num_samples, torch.device(ns.device))
@@ -348,23 +342,24 @@ def _bench_config(parts: Parts, ns: argparse.Namespace, b: int, m: int) -> dict[
 
 
 def _sweep_num_samples(ns: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The fused update_and_mask (both modalities) at fixed b, M for each num_samples that fits; the time should be
-    flat."""
+    """The fused update_and_mask (both modalities) at fixed b, M for each num_samples that fits, all tables allocated
+    first and the calls timed interleaved; the time should be flat."""
     b, m = ns.sweep_batch, ns.sweep_candidates
     sim_i2t, sim_t2i, _ = glofnd_prep(*random_sims(b, m, 64, device))         # [b, M] x2
-    points, skipped = [], []
+    calls, skipped = {}, []
     for n in ns.sweep:
         need = 2 * 16 * n                                                 # λ, m, v fp32 + steps int32, 2 modalities
-        reason = _skip_reason(n, need, ns.max_num_samples, device)
+        reason = _skip_reason(n, need, ns.max_num_samples, device)        # the tables so far are allocated
         if reason:
             skipped.append({"num_samples": n, "reason": reason})
             continue
         filters = Filters(*(GloFND(n, ALPHA, device=device) for _ in range(2)))
         ids = torch.randint(0, n, (b,), device=device)                        # [b] rows spread over the whole table
-        timing = _time_micro(lambda: glofnd_fused(filters, sim_i2t, sim_t2i, ids), device, ns)
-        points.append({"num_samples": n, "state_bytes": need, "fused_s": timing["min_s"],
-                       "fused_median_s": timing["median_s"]})
-        del filters
+        calls[n] = lambda filters=filters, ids=ids: glofnd_fused(filters, sim_i2t, sim_t2i, ids)
+    timings = _common.time_interleaved(calls, device, warmup=2, repeats=ns.micro_repeats,
+                                       min_block_s=0.02 if device.type == "cuda" else 0.0) if calls else {}
+    points = [{"num_samples": n, "state_bytes": 2 * 16 * n, "fused_s": t["min_s"], "fused_median_s": t["median_s"]}
+              for n, t in timings.items()]
     times = [p["fused_s"] for p in points]
     spread = max(times) / min(times) if times else float("nan")
     return {"batch": b, "candidates": m, "points": points, "skipped": skipped, "max_over_min": spread}

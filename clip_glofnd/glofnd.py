@@ -11,7 +11,9 @@ whose stochastic subgradient on the negatives of i in a mini-batch is
 
 Only the anchors in the batch are updated, each with its own Adam step (moments m_i, v_i, visit count steps_i);
 λ is clamped to [−1, 1]. Negatives with s_ij > λ_i are false negatives and leave i's contrastive denominator;
-positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest.
+positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest. `update` and `keep_mask` take
+any negative mask; the trainer calls `update_and_mask`, the same two steps in one call for its negatives (every column
+but the row's positive), bit for bit equal and cheaper (no [B, M] negative mask to build, count or apply).
 
 Starting point (``init``): ``"one"`` is the paper's λ = 1 (nothing filtered until λ has walked down, one Adam step
 per visit). ``"quantile"`` warm-starts: the first time a sample is updated its λ is set to its row's mini-batch

@@ -447,3 +447,18 @@ def test_cuda_matches_cpu() -> None:
         assert gpu.keep_mask(sim.cuda().bfloat16(), ids.cuda(), 0, neg.cuda()).shape == (16, 24)
     gpu.to("cpu")
     assert gpu.threshold.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_and_mask_cuda_matches_cpu() -> None:
+    cpu, gpu = GloFND(50, 0.1, init="quantile"), GloFND(50, 0.1, init="quantile", device="cuda")
+    for _ in range(10):
+        ids, sim, positive = torch.randint(50, (16,)), torch.rand(16, 24) * 2 - 1, torch.randint(24, (16,))
+        keep_cpu, lam_cpu = cpu.update_and_mask(sim, ids, 0, positive)
+        keep_gpu, lam_gpu = gpu.update_and_mask(sim.cuda(), ids.cuda(), 0, positive.cuda())
+        torch.testing.assert_close(lam_gpu.cpu(), lam_cpu)
+        expected = sim <= lam_gpu.cpu()[:, None]                                 # the mask of the GPU's own λ
+        expected[torch.arange(16), positive] = True
+        assert keep_gpu.is_cuda and torch.equal(keep_gpu.cpu(), expected)
+        cpu.import_rows(ids, gpu.export_rows(ids.cuda()))                       # same λ bits from here on
