@@ -268,3 +268,26 @@ def test_cleanup_keeps_every_shard_when_a_checkpoint_is_unreadable(tmp_path: Pat
     (tmp_path / "epoch_1.pt").write_bytes(b"not a zip")
     checkpoint.remove_unreferenced_shards(tmp_path)
     assert (tmp_path / "state-step1-rank0-of-1.pt").is_file()
+
+
+def test_resume_latest_skips_a_sharded_checkpoint_with_a_missing_or_bad_shard(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """find_latest validates the shards a checkpoint names: a missing shard makes it fall back to the older file;
+    non-finite rows are refused when read."""
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    checkpoint.save_atomic(fake_checkpoint(2), folder / "epoch_1.pt")
+    for rank in range(2):
+        checkpoint.save_shard(folder, step=4, rank=rank, world_size=2, num_samples=5, rows=_rows(rank, 2, 5))
+    checkpoint.save_atomic({**fake_checkpoint(4), "state_shards": checkpoint.shard_manifest(4, 2, 5)},
+                           folder / checkpoint.LATEST)
+    assert checkpoint.find_latest(tmp_path)[0].name == checkpoint.LATEST
+    (folder / "state-step4-rank1-of-2.pt").unlink()
+    with caplog.at_level("WARNING"):
+        assert checkpoint.find_latest(tmp_path)[0].name == "epoch_1.pt"
+    assert "state-step4-rank1-of-2.pt is missing" in caplog.text
+    rows = _rows(1, 2, 5)
+    rows["loss"]["u_img"][0] = float("nan")
+    checkpoint.save_shard(folder, step=4, rank=1, world_size=2, num_samples=5, rows=rows)
+    main = torch.load(folder / checkpoint.LATEST, weights_only=True)
+    with pytest.raises(UsageError, match=r"non-finite values in its shard state-step4-rank1-of-2.pt \(loss.u_img\)"):
+        list(checkpoint.read_shards(main, folder / checkpoint.LATEST))
