@@ -110,8 +110,8 @@ def counting_false_negatives() -> Iterator[None]:
     from clip_glofnd import losses, train
     original = train.filter_negatives
 
-    def counted(parts, img, txt, img_all, txt_all, batch, labels_all, epoch):
-        keep_i2t, keep_t2i, stats = original(parts, img, txt, img_all, txt_all, batch, labels_all, epoch)
+    def counted(parts, img, txt, img_all, txt_all, batch, labels_all, epoch, **kwargs):
+        keep_i2t, keep_t2i, stats = original(parts, img, txt, img_all, txt_all, batch, labels_all, epoch, **kwargs)
         if batch.labels is None or "fn_true_img" in stats:                          # no labels, or logged natively
             return keep_i2t, keep_t2i, stats
         b, B = img.shape[0], img_all.shape[0]

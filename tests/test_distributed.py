@@ -334,7 +334,7 @@ def run_steps(loss: str, model: str, dist: DistInfo, start: int = 0, ckpt: dict[
         checkpoint.restore(ckpt, "snapshot", model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                            fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
     if resume is not None:
-        assert train.resume(cfg, parts, resume.parent, N).step == start
+        assert train.resume(cfg, parts, resume.parent, N)[0].step == start
     data, metrics, snapshot = _data(), [], None
     for step in range(start, stop + 1):
         if step == SNAPSHOT_AT:
