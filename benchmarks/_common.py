@@ -33,22 +33,7 @@ def time_call(
     A block runs `fn` `inner` times between two device syncs, with `inner` chosen from the first warm call so that a
     block lasts at least `min_block_s` (short GPU kernels are not dominated by the sync then).
     """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    inner = max(1, math.ceil(min_block_s / max(first, 1e-9)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / inner)
-    return summarize(times) | {"inner": inner}
+    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats, min_block_s=min_block_s)["fn"]
 
 
 def time_interleaved(
