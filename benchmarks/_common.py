@@ -33,22 +33,35 @@ def time_call(
     A block runs `fn` `inner` times between two device syncs, with `inner` chosen from the first warm call so that a
     block lasts at least `min_block_s` (short GPU kernels are not dominated by the sync then).
     """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    inner = max(1, math.ceil(min_block_s / max(first, 1e-9)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
+    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats, min_block_s=min_block_s)["fn"]
+
+
+def time_interleaved(
+        fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 2, repeats: int = 7,
+        min_block_s: float = 0.0,
+) -> dict[str, dict[str, float]]:
+    """`time_call` for several functions at once: each repeat times one block of every function, in an order rotated
+    from repeat to repeat, so that a change of machine load hits all of them alike and their ratios stay meaningful
+    on a shared machine."""
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
             fn()
         synchronize(device)
-        times.append((time.perf_counter() - start) / inner)
-    return summarize(times) | {"inner": inner}
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        inner[name] = max(1, math.ceil(min_block_s / max(time.perf_counter() - start, 1e-9)))
+    names, times = list(fns), {name: [] for name in fns}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fns[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / inner[name])
+    return {name: summarize(values) | {"inner": inner[name]} for name, values in times.items()}
 
 
 def summarize(times: Sequence[float]) -> dict[str, float]:

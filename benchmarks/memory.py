@@ -1,9 +1,17 @@
-"""Per-sample state bytes of GloFND and the losses, extrapolated to CC3M / CC12M / 1B, and the per-step row sync.
+"""Per-sample state bytes of GloFND and the losses, per rank for each placement, extrapolated to CC3M, CC12M,
+LAION-400M and DataComp-1B, and the bytes each rank moves per step to keep the state consistent.
 
 Measured from the real objects, not from a formula: the `state_dict()` bytes of `GloFND(n)` and
 `create_loss(name, n)` at n and 2n give bytes per sample (the slope) and a size-independent constant (FastCLIP-v3's
-τ). The sync volume is what `distributed.sync_rows` puts on the wire: it is run with a fake all-gather that records
-the packed [b, bytes per row] tensor (ids + every holder's rows), for GloFND on both modalities plus the loss.
+τ). Per placement (--state-device, --state-sharding; clip_glofnd/state.py) the bytes a rank holds are counted from a
+real `StateStore` built as train.build_parts builds it, for rank 0 of W (no process group needed), at n and 2n:
+on the training device and in CPU memory, slope and constant (by-id: 40·n/W + the working rows).
+
+Bytes per step are what the real code puts into its collectives, recorded with fakes: replicated, the packed
+[b, bytes per row] tensor `distributed.sync_rows` all-gathers (ids + every holder's rows); by-id, the two
+`distributed.exchange_rows` all-to-alls of `StateStore.fetch` and `commit`, run for every rank of W on one random
+global batch of distinct ids (their sizes vary with how the batch's ids fall on the owners; mean and max over
+ranks). GloFND on both modalities plus the loss.
 
 Prints tables and writes benchmarks/results/memory.json.
 
@@ -26,8 +34,12 @@ from benchmarks import _common
 from clip_glofnd import distributed
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.losses import create_loss
+from clip_glofnd.state import StateStore, working_rows
 
-DATASETS = {"CC3M": 3_318_333, "CC12M": 12_423_374, "1B": 1_000_000_000}
+DATASETS = {"CC3M": 3_318_333, "CC12M": 12_423_374,
+            "LAION-400M": 400_000_000,        # nominal (the release has ~413M pairs)
+            "DataComp-1B": 1_400_000_000}     # the DataComp paper's count (1.4B pairs)
+PLACEMENTS = (("train", "replicated"), ("cpu", "replicated"), ("train", "by-id"), ("cpu", "by-id"))
 LOSSES = ("clip", "sogclr", "fastclip")
 ALPHA = 1e-3
 
@@ -38,7 +50,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     p.add_argument("--num-samples", type=int, help="n of the measured objects (and 2n); default 10000, quick 64")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="local batch b of the sync (default 128 1024)")
-    p.add_argument("--world-sizes", type=int, nargs="+", help="ranks W of the sync (default 8 64)")
+    p.add_argument("--world-sizes", type=int, nargs="+", help="ranks W of the sync and the shards (default 8 64)")
+    p.add_argument("--placement-batch", type=int, default=1024, help="--batch-size per rank (the working rows)")
+    p.add_argument("--loss", default="sogclr", choices=LOSSES, help="loss of the per-placement tables")
     p.add_argument("--embed-dim", type=int, default=512, help="d of the feature all-gather shown for scale")
     p.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/memory.json)")
     ns = p.parse_args(list(argv))
@@ -67,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "datasets": extrapolate(state),
         "sync": [sync_volume(ns.num_samples, b, loss, ns.world_sizes, ns.embed_dim)
                  for b in ns.batch_sizes for loss in LOSSES],
+        "placements": [placement_bytes(ns.num_samples, w, device, sharding, ns.loss, ns.placement_batch)
+                       for w in ns.world_sizes for device, sharding in PLACEMENTS],
+        "exchange": [exchange_volume(ns.num_samples, b, ns.loss, w) for b in ns.batch_sizes for w in ns.world_sizes],
     }
+    result["placement_datasets"] = extrapolate_placements(result["placements"])
     _common.write_json(ns.output, result)
     print(_report(result))
     print(f"wrote {ns.output}")
@@ -138,6 +156,77 @@ def _record_sync(holders: Sequence[Any], ids: Tensor, world: int) -> Tensor:
     return seen[0]
 
 
+def _holders(rows: int, loss: str) -> dict[str, Any]:
+    """The math objects train.build_parts makes, with `rows` rows."""
+    return {"fnd_img": GloFND(rows, ALPHA), "fnd_txt": GloFND(rows, ALPHA), "loss": create_loss(loss, rows)}
+
+
+def _store_bytes(n: int, world: int, device: str, sharding: str, loss: str, batch: int) -> dict[str, int]:
+    """Bytes rank 0 of `world` holds for n samples: on the training device and in CPU memory."""
+    store = StateStore(_holders(working_rows(n, batch, device, sharding), loss), n,
+                       distributed.DistInfo(rank=0, world_size=world), device=device, sharding=sharding,
+                       batch_size=batch)
+    holders = sum(nbytes(dict(h.state_dict())) for h in store.holders.values())     # full tables or working rows
+    tables = sum(nbytes(cols) for cols in store.tables.values())                    # lent placements only
+    on_cpu = tables if device == "cpu" else 0
+    return {"train_device_bytes": holders + tables - on_cpu, "cpu_bytes": on_cpu}
+
+
+def placement_bytes(n: int, world: int, device: str, sharding: str, loss: str, batch: int) -> dict[str, Any]:
+    """Per-rank bytes of one placement, as slope (bytes per sample) and constant, from n and 2n samples (n rounded up
+    to a multiple of W, so that every shard has n/W rows)."""
+    n = -(-n // world) * world
+    small, large = (_store_bytes(k, world, device, sharding, loss, batch) for k in (n, 2 * n))
+    row: dict[str, Any] = {"world_size": world, "state_device": device, "state_sharding": sharding, "loss": loss,
+                           "batch": batch}
+    for where in ("train_device", "cpu"):
+        slope_ = (large[f"{where}_bytes"] - small[f"{where}_bytes"]) / n
+        row[f"{where}_bytes_per_sample"] = slope_
+        row[f"{where}_constant_bytes"] = small[f"{where}_bytes"] - slope_ * n
+    return row
+
+
+def extrapolate_placements(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-rank bytes (training device, CPU) of each placement for each data set size."""
+    out = []
+    for dataset, n in DATASETS.items():
+        for row in rows:
+            entry = {"dataset": dataset, "num_samples": n, **{k: row[k] for k in ("world_size", "state_device",
+                                                                                   "state_sharding")}}
+            for where in ("train_device", "cpu"):
+                entry[f"{where}_bytes"] = row[f"{where}_bytes_per_sample"] * n + row[f"{where}_constant_bytes"]
+            out.append(entry)
+    return out
+
+
+def exchange_volume(n: int, b: int, loss: str, world: int) -> dict[str, Any]:
+    """Bytes each rank sends / receives per step with --state-sharding by-id: StateStore.fetch and commit of every
+    rank on one global batch of W·b distinct random ids, with `distributed.exchange_rows` recording its sizes."""
+    ids_all = torch.randperm(max(n, world * b))[:world * b]                    # [W·b] the global batch
+    sizes: list[tuple[int, int]] = []
+
+    def fake_exchange(fields: Sequence[Tensor], send: Sequence[int], recv: Sequence[int], dist: Any) -> list[Tensor]:
+        row_bytes = sum(f[:1].numel() * f.element_size() for f in fields)
+        sizes.append((sum(send) * row_bytes, sum(recv) * row_bytes))
+        return [torch.zeros((sum(recv), *f.shape[1:]), dtype=f.dtype) for f in fields]
+
+    per_rank = []
+    with mock.patch.object(distributed, "exchange_rows", fake_exchange):
+        for rank in range(world):
+            store = StateStore(_holders(b, loss), max(n, world * b), distributed.DistInfo(rank=rank, world_size=world),
+                               sharding="by-id", batch_size=b)
+            sizes.clear()
+            store.fetch(ids_all[rank * b:(rank + 1) * b], ids_all)
+            store.commit()
+            per_rank.append({"send": sum(s for s, _ in sizes), "recv": sum(r for _, r in sizes)})
+    row_bytes = 2 * (3 * 4 + 4) + (8 if loss != "clip" else 0)
+    return {"batch": b, "world_size": world, "loss": loss,
+            "send_mean": sum(r["send"] for r in per_rank) / world, "send_max": max(r["send"] for r in per_rank),
+            "recv_mean": sum(r["recv"] for r in per_rank) / world, "recv_max": max(r["recv"] for r in per_rank),
+            "formula_each_way": 2 * b * row_bytes, "replicated_send": b * (8 + row_bytes),
+            "replicated_recv": world * b * (8 + row_bytes)}
+
+
 def _report(result: dict[str, Any]) -> str:
     """Tables: per-sample bytes, data set totals, sync volume."""
     state = result["state"]
@@ -161,6 +250,24 @@ def _report(result: dict[str, Any]) -> str:
         "State per process (replicated on every rank)\n" + _common.format_table(result["datasets"], data_cols),
         "sync_rows per rank per step (ids + GloFND img/txt rows + loss rows)\n"
         + _common.format_table(result["sync"], sync_cols),
+        f"Per-rank state by placement (rank 0 of W, loss {result['config']['loss']}, working rows = --batch-size "
+        f"{result['config']['placement_batch']})\n" + _common.format_table(result["placements"], [
+            ("world_size", "W", "d", 1), ("state_device", "--state-device", "s", 1),
+            ("state_sharding", "--state-sharding", "s", 1),
+            ("train_device_bytes_per_sample", "device B/sample", "g", 1),
+            ("train_device_constant_bytes", "device constant B", "g", 1),
+            ("cpu_bytes_per_sample", "CPU B/sample", "g", 1), ("cpu_constant_bytes", "CPU constant B", "g", 1)]),
+        "Per-rank state by placement and data set (GB)\n" + _common.format_table(result["placement_datasets"], [
+            ("dataset", "data set", "s", 1), ("world_size", "W", "d", 1), ("state_device", "device", "s", 1),
+            ("state_sharding", "sharding", "s", 1), ("train_device_bytes", "training device (GB)", ",.3f", 1e-9),
+            ("cpu_bytes", "CPU (GB)", ",.3f", 1e-9)]),
+        "by-id all-to-all bytes per rank per step (fetch + commit), vs the replicated all-gather\n"
+        + _common.format_table(result["exchange"], [
+            ("batch", "b", "d", 1), ("world_size", "W", "d", 1), ("send_mean", "send mean (KB)", ".1f", 1e-3),
+            ("send_max", "send max (KB)", ".1f", 1e-3), ("recv_mean", "recv mean (KB)", ".1f", 1e-3),
+            ("recv_max", "recv max (KB)", ".1f", 1e-3), ("formula_each_way", "2·40·b (KB)", ".1f", 1e-3),
+            ("replicated_send", "replicated send (KB)", ".1f", 1e-3),
+            ("replicated_recv", "replicated recv (KB)", ".1f", 1e-3)]),
     ])
 
 

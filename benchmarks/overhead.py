@@ -1,20 +1,24 @@
 """GloFND's cost: share of a full CLIP training step, against one read of the similarity matrix, and vs n.
 
 Three measurements on one device (``--device cpu`` or ``cuda``); every time is the best of its repeats (one-sided
-noise on a shared machine; medians are kept in the JSON too):
+noise on a shared machine; medians are kept in the JSON too), and the direct calls of one (b, M) are timed
+interleaved (one block of each per repeat, order rotated), so that load changes hit them alike:
 
 1. **Step share.** A full training step of a randomly initialised open_clip model (forward, loss, backward, AdamW
    step) on a local batch b, the gathered batch of M candidates simulated by concatenating the local features with
    M − b random unit vectors (as if all-gathered from other ranks). GloFND work = the two detached similarity
-   matrices [b, M] and the negative mask ("sims+neg"), then `update` + `keep_mask` for both modalities (image
-   anchors vs all texts, text anchors vs all images). Measured twice: as the difference between steps with and
-   without GloFND (alternated; includes the masked loss path and the host syncs), and directly by timing the calls
-   alone (synchronised on CUDA). Percentages are of the step without GloFND.
-2. **One read.** One modality's `update` against `sim.sum()` on the same [b, M] float32 matrix (the least an update
-   must do: read sim once), and `sim > λ` (one comparison: the floor of any update written in torch ops).
-3. **Flat in n.** `update` + `keep_mask` (both modalities) at fixed b, M for num_samples 1e4 .. 1e8, ids spread over
-   the whole table; the state (16 B per sample per modality) is allocated only when n ≤ --max-num-samples and the
-   device has twice its size free.
+   matrices [b, M] ("sims+neg"; the two-call path also builds the negative mask), then the filter for both
+   modalities (image anchors vs all texts, text anchors vs all images): the trainer's fused `update_and_mask`
+   ("fused"), and for comparison the separate `update` + `keep_mask` with a [b, M] negative mask ("update+mask").
+   Measured twice: as the difference between steps with and without GloFND (the step uses the fused call;
+   alternated; includes the masked loss path and the host syncs), and directly by timing the calls alone
+   (synchronised on CUDA). Percentages are of the step without GloFND.
+2. **One read.** One modality's filter against `sim.sum()` on the same [b, M] float32 matrix (the least an update
+   must do: read sim once), and `sim > λ` (one comparison: the floor of any update written in torch ops). The
+   target: update + mask of one modality (the fused call) within 2x one read.
+3. **Flat in n.** The fused call (both modalities) at fixed b, M for num_samples 1e4 .. 1e8, ids spread over
+   the whole table, timed interleaved; the state (16 B per sample per modality) is allocated only when n ≤
+   --max-num-samples and the device has twice its size free (with the smaller tables allocated).
 
 Prints tables and writes benchmarks/results/overhead_<device>.json (machine, threads, load, exact command). On a
 busy machine prefer ``--threads 1``: with every core oversubscribed, each multi-threaded op waits for its slowest,
@@ -227,6 +231,13 @@ def glofnd_filter(
     return filters.img.keep_mask(sim_i2t, ids, 0, neg), filters.txt.keep_mask(sim_t2i, ids, 0, neg)
 
 
+def glofnd_fused(filters: Filters, sim_i2t: Tensor, sim_t2i: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The trainer's call: `update_and_mask` for both modalities, positives at columns 0..b-1 (offset 0)."""
+    positive = torch.arange(len(ids), device=ids.device)                  # [b] column of each row's positive
+    return (filters.img.update_and_mask(sim_i2t, ids, 0, positive)[0],
+            filters.txt.update_and_mask(sim_t2i, ids, 0, positive)[0])
+
+
 def random_sims(b: int, m: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stand-in features of b correlated pairs among M candidates: img, txt [b, d], img_all, txt_all [M, d]."""
     img = F.normalize(torch.randn(b, dim, device=device), dim=1)                     # [b, d]
@@ -248,9 +259,10 @@ def train_step(parts: Parts, inputs: Inputs, use_glofnd: bool) -> None:
     ids_all = torch.cat([inputs.ids, inputs.extra_ids])                   # [M]
     # false-negative filter
     keep_i2t = keep_t2i = None
-    if use_glofnd:
-        sim_i2t, sim_t2i, neg = glofnd_prep(img, txt, img_all, txt_all)
-        keep_i2t, keep_t2i = glofnd_filter(parts.filters, sim_i2t, sim_t2i, neg, inputs.ids)
+    if use_glofnd:                                                       # as train.filter_negatives: fused
+        sim_i2t = img.detach().float() @ txt_all.detach().float().T       # [b, M] image anchors vs all texts
+        sim_t2i = txt.detach().float() @ img_all.detach().float().T       # [b, M] text anchors vs all images
+        keep_i2t, keep_t2i = glofnd_fused(parts.filters, sim_i2t, sim_t2i, inputs.ids)
     # loss
     loss, _ = parts.loss_fn(img, txt, img_all, txt_all, ids=inputs.ids, ids_all=ids_all, epoch=0, keep_i2t=keep_i2t,
                             keep_t2i=keep_t2i, offset=0, logit_scale=logit_scale.float())
@@ -282,27 +294,26 @@ def _time_steps(parts: Parts, inputs: Inputs, ns: argparse.Namespace) -> dict[st
 def _time_direct(
         filters: Filters, ids: Tensor, m: int, dim: int, ns: argparse.Namespace,
 ) -> dict[str, dict[str, float]]:
-    """The GloFND calls alone on stand-in features: prep, update+mask (both modalities), and for one modality
-    update, keep_mask, one read (`sim.sum()`) and one comparison (`sim > λ`, the floor of any torch update)."""
+    """The GloFND calls alone on stand-in features: prep, update+mask and fused (both modalities), and for one
+    modality update, keep_mask, fused, one read (`sim.sum()`) and one comparison (`sim > λ`, the floor of any torch
+    update)."""
     device = ids.device
     img, txt, img_all, txt_all = random_sims(len(ids), m, dim, device)
     sim_i2t, sim_t2i, neg = glofnd_prep(img, txt, img_all, txt_all)                # [b, M] x3
     lam_rows = torch.rand(len(ids), device=device)                                  # [b] stand-in λ_i
+    positive = torch.arange(len(ids), device=device)                                # [b] offset 0
     calls = {
         "prep": lambda: glofnd_prep(img, txt, img_all, txt_all),
         "update_mask": lambda: glofnd_filter(filters, sim_i2t, sim_t2i, neg, ids),
+        "fused": lambda: glofnd_fused(filters, sim_i2t, sim_t2i, ids),
+        "fused_one": lambda: filters.img.update_and_mask(sim_i2t, ids, 0, positive),
         "read": lambda: sim_i2t.sum(),
         "compare": lambda: sim_i2t > lam_rows[:, None],
         "update_one": lambda: filters.img.update(sim_i2t, ids, 0, neg),
         "mask_one": lambda: filters.img.keep_mask(sim_i2t, ids, 0, neg),
     }
-    return {name: _time_micro(fn, device, ns) for name, fn in calls.items()}
-
-
-def _time_micro(fn: Callable[[], object], device: torch.device, ns: argparse.Namespace) -> dict[str, float]:
-    """time_call with the micro settings: 2 warm-up calls, --micro-repeats blocks, ≥ 20 ms blocks on CUDA."""
-    return _common.time_call(fn, device, warmup=2, repeats=ns.micro_repeats,
-                             min_block_s=0.02 if device.type == "cuda" else 0.0)
+    return _common.time_interleaved(calls, device, warmup=2, repeats=ns.micro_repeats,
+                                    min_block_s=0.02 if device.type == "cuda" else 0.0)
 
 
 def _bench_config(parts: Parts, ns: argparse.Namespace, b: int, m: int) -> dict[str, float]:
@@ -318,33 +329,38 @@ def _bench_config(parts: Parts, ns: argparse.Namespace, b: int, m: int) -> dict[
     row |= {
         "diff_pct": 100 * row["diff_s"] / plain,
         "update_mask_pct": 100 * row["update_mask_s"] / plain,
+        "fused_pct": 100 * row["fused_s"] / plain,
         "glofnd_total_pct": 100 * (row["prep_s"] + row["update_mask_s"]) / plain,
+        "fused_total_pct": 100 * (row["prep_s"] + row["fused_s"]) / plain,
         "update_vs_read": row["update_one_s"] / row["read_s"],
+        "fused_vs_read": row["fused_one_s"] / row["read_s"],
         "mask_vs_read": row["mask_one_s"] / row["read_s"],
         "compare_vs_read": row["compare_s"] / row["read_s"],
     }
-    logger.info("b=%d M=%d: step %.3f s, update+mask %.2f%% of it", b, m, plain, row["update_mask_pct"])
+    logger.info("b=%d M=%d: step %.3f s, fused update+mask %.2f%% of it", b, m, plain, row["fused_pct"])
     return row
 
 
 def _sweep_num_samples(ns: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """update + keep_mask (both modalities) at fixed b, M for each num_samples that fits; the time should be flat."""
+    """The fused update_and_mask (both modalities) at fixed b, M for each num_samples that fits, all tables allocated
+    first and the calls timed interleaved; the time should be flat."""
     b, m = ns.sweep_batch, ns.sweep_candidates
-    sim_i2t, sim_t2i, neg = glofnd_prep(*random_sims(b, m, 64, device))       # [b, M] x3
-    points, skipped = [], []
+    sim_i2t, sim_t2i, _ = glofnd_prep(*random_sims(b, m, 64, device))         # [b, M] x2
+    calls, skipped = {}, []
     for n in ns.sweep:
         need = 2 * 16 * n                                                 # λ, m, v fp32 + steps int32, 2 modalities
-        reason = _skip_reason(n, need, ns.max_num_samples, device)
+        reason = _skip_reason(n, need, ns.max_num_samples, device)        # the tables so far are allocated
         if reason:
             skipped.append({"num_samples": n, "reason": reason})
             continue
         filters = Filters(*(GloFND(n, ALPHA, device=device) for _ in range(2)))
         ids = torch.randint(0, n, (b,), device=device)                        # [b] rows spread over the whole table
-        timing = _time_micro(lambda: glofnd_filter(filters, sim_i2t, sim_t2i, neg, ids), device, ns)
-        points.append({"num_samples": n, "state_bytes": need, "update_mask_s": timing["min_s"],
-                       "update_mask_median_s": timing["median_s"]})
-        del filters
-    times = [p["update_mask_s"] for p in points]
+        calls[n] = lambda filters=filters, ids=ids: glofnd_fused(filters, sim_i2t, sim_t2i, ids)
+    timings = _common.time_interleaved(calls, device, warmup=2, repeats=ns.micro_repeats,
+                                       min_block_s=0.02 if device.type == "cuda" else 0.0) if calls else {}
+    points = [{"num_samples": n, "state_bytes": 2 * 16 * n, "fused_s": t["min_s"], "fused_median_s": t["median_s"]}
+              for n, t in timings.items()]
+    times = [p["fused_s"] for p in points]
     spread = max(times) / min(times) if times else float("nan")
     return {"batch": b, "candidates": m, "points": points, "skipped": skipped, "max_over_min": spread}
 
@@ -360,18 +376,21 @@ def _skip_reason(n: int, need: int, cap: int, device: torch.device) -> str | Non
 
 
 def _targets(steps: list[dict[str, float]], sweep: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, judged where they matter: update+mask < 1 % of the step at the largest batch (every M),
-    update ≤ 2x one read at the largest b·M (small ones measure per-call overhead), flat in n (max/min ≤ 1.5)."""
+    """The issue's targets, judged where they matter: the trainer's fused update+mask < 1 % of the step at the
+    largest batch (every M); update + mask of one modality (fused) ≤ 2x one read at the largest b·M (small ones
+    measure per-call overhead), and the separate update alone for reference; flat in n (max/min ≤ 1.5)."""
     largest = max(row["batch"] for row in steps)
-    worst_pct = max(row["update_mask_pct"] for row in steps if row["batch"] == largest)
-    worst_total = max(row["glofnd_total_pct"] for row in steps if row["batch"] == largest)
+    worst_pct = max(row["fused_pct"] for row in steps if row["batch"] == largest)
+    worst_total = max(row["fused_total_pct"] for row in steps if row["batch"] == largest)
     biggest = max(steps, key=lambda row: row["batch"] * row["candidates"])
-    ratio = biggest["update_vs_read"]
+    ratio = biggest["fused_vs_read"]
     return {
-        "batch": largest, "update_mask_pct_max": worst_pct, "glofnd_total_pct_max": worst_total,
-        "update_mask_pct_target": 1.0, "update_mask_pct_met": worst_pct < 1.0,
-        "read_at": [biggest["batch"], biggest["candidates"]], "update_vs_read": ratio,
-        "compare_vs_read": biggest["compare_vs_read"], "update_vs_read_target": 2.0, "update_vs_read_met": ratio <= 2.0,
+        "batch": largest, "fused_pct_max": worst_pct, "fused_total_pct_max": worst_total,
+        "two_call_pct_max": max(row["update_mask_pct"] for row in steps if row["batch"] == largest),
+        "fused_pct_target": 1.0, "fused_pct_met": worst_pct < 1.0,
+        "read_at": [biggest["batch"], biggest["candidates"]], "fused_vs_read": ratio,
+        "fused_vs_read_target": 2.0, "fused_vs_read_met": ratio <= 2.0, "update_vs_read": biggest["update_vs_read"],
+        "compare_vs_read": biggest["compare_vs_read"],
         "num_samples_max_over_min": sweep["max_over_min"], "num_samples_target": 1.5,
         "num_samples_flat": sweep["max_over_min"] <= 1.5,
     }
@@ -381,17 +400,19 @@ MS = 1e3
 STEP_COLUMNS = [
     ("batch", "b", "d", 1), ("candidates", "M", "d", 1), ("step_plain_s", "step (ms)", ".0f", MS),
     ("step_glofnd_s", "step+GloFND (ms)", ".0f", MS), ("diff_pct", "diff %", ".1f", 1),
-    ("update_mask_s", "update+mask (ms)", ".2f", MS), ("update_mask_pct", "update+mask %", ".3f", 1),
-    ("prep_s", "sims+neg (ms)", ".2f", MS), ("glofnd_total_pct", "direct total %", ".3f", 1),
+    ("update_mask_s", "update+mask (ms)", ".2f", MS), ("fused_s", "fused (ms)", ".2f", MS),
+    ("fused_pct", "fused %", ".3f", 1), ("prep_s", "sims+neg (ms)", ".2f", MS),
+    ("fused_total_pct", "direct total %", ".3f", 1),
 ]
 READ_COLUMNS = [
     ("batch", "b", "d", 1), ("candidates", "M", "d", 1), ("read_s", "sim.sum() (ms)", ".3f", MS),
     ("compare_s", "sim > λ (ms)", ".3f", MS), ("update_one_s", "update (ms)", ".3f", MS),
     ("update_vs_read", "update/read", ".1f", 1), ("compare_vs_read", "compare/read", ".1f", 1),
     ("mask_one_s", "keep_mask (ms)", ".3f", MS), ("mask_vs_read", "mask/read", ".1f", 1),
+    ("fused_one_s", "fused (ms)", ".3f", MS), ("fused_vs_read", "fused/read", ".1f", 1),
 ]
 SWEEP_COLUMNS = [("num_samples", "num_samples", ".0e", 1), ("state_bytes", "state (MB)", ",.4g", 1e-6),
-                 ("update_mask_s", "update+mask (ms)", ".3f", MS), ("update_mask_median_s", "median (ms)", ".3f", MS)]
+                 ("fused_s", "fused (ms)", ".3f", MS), ("fused_median_s", "median (ms)", ".3f", MS)]
 
 
 def _report(result: dict[str, Any]) -> str:
@@ -403,17 +424,18 @@ def _report(result: dict[str, Any]) -> str:
             f"{result['config']['precision']}, loss {result['config']['loss']}")
     skipped = "".join(f"\n  skipped n={s['num_samples']:.0e}: {s['reason']}" for s in sweep["skipped"])
     verdicts = (
-        f"targets: update+mask at b={targets['batch']} <= {targets['update_mask_pct_max']:.2f}% of the step (< 1%: "
-        f"{targets['update_mask_pct_met']}; with sims+neg {targets['glofnd_total_pct_max']:.2f}%); update/read at "
-        f"b, M = {targets['read_at']}: {targets['update_vs_read']:.1f} (<= 2: {targets['update_vs_read_met']}; one "
-        f"comparison alone: {targets['compare_vs_read']:.1f}); n sweep max/min "
+        f"targets: fused update+mask at b={targets['batch']} <= {targets['fused_pct_max']:.2f}% of the step (< 1%: "
+        f"{targets['fused_pct_met']}; with sims {targets['fused_total_pct_max']:.2f}%; two calls "
+        f"{targets['two_call_pct_max']:.2f}%); fused/read at b, M = {targets['read_at']}: "
+        f"{targets['fused_vs_read']:.1f} (<= 2: {targets['fused_vs_read_met']}; update alone "
+        f"{targets['update_vs_read']:.1f}, one comparison alone: {targets['compare_vs_read']:.1f}); n sweep max/min "
         f"{targets['num_samples_max_over_min']:.2f} (<= 1.5: {targets['num_samples_flat']})")
     return "\n\n".join([
         head,
         "Step share (% of the step without GloFND)\n" + _common.format_table(result["steps"], STEP_COLUMNS),
-        "One modality's update vs one read of sim [b, M] float32\n"
+        "One modality's update / keep_mask / fused call vs one read of sim [b, M] float32\n"
         + _common.format_table(result["steps"], READ_COLUMNS),
-        f"update + keep_mask, both modalities, b={sweep['batch']} M={sweep['candidates']}, vs num_samples\n"
+        f"fused update_and_mask, both modalities, b={sweep['batch']} M={sweep['candidates']}, vs num_samples\n"
         + _common.format_table(sweep["points"], SWEEP_COLUMNS) + skipped,
         verdicts,
     ])

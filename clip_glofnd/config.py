@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -46,13 +47,15 @@ class _Section:
         return "--" + (f"{cls.PREFIX}-" if cls.PREFIX else "") + f.name.replace("_", "-")
 
     def _check(self, *checks: tuple[bool, str]) -> None:
-        """Raise UsageError for the first failed (ok, message) check, and for a value outside a Literal's choices."""
+        """Raise UsageError for the first failed (ok, message) check, for a value outside a Literal's choices and for
+        a non-finite float (inf / nan would pass comparisons like `lr > 0`)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            choices = _choices(hints[f.name])
-            if choices and getattr(self, f.name) not in choices:
-                raise UsageError(f"{self.flag(f)} must be one of {', '.join(map(str, choices))}; "
-                                 f"got {getattr(self, f.name)!r}")
+            choices, value = _choices(hints[f.name]), getattr(self, f.name)
+            if choices and value not in choices:
+                raise UsageError(f"{self.flag(f)} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{self.flag(f)} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
@@ -182,6 +185,8 @@ class OptimConfig(_Section):
     state_warmup_epochs: int = _opt(0, "before epoch 1, this many forward-only passes of the frozen model (eval mode, "
                                        "no optimizer step) fill GloFND's lambda and SogCLR/FastCLIP's u; for "
                                        "fine-tuning (TuneCLIP); not counted in --epochs")
+    max_nonfinite_steps: int = _opt(5, "a step with a non-finite loss or gradient is skipped (as AMP's GradScaler "
+                                       "does); stop after this many in a row")
 
     def __post_init__(self) -> None:
         self._check(
@@ -196,6 +201,7 @@ class OptimConfig(_Section):
              f"--grad-clip-norm must be > 0, got {self.grad_clip_norm}"),
             (self.accum_freq >= 1, f"--accum-freq must be >= 1, got {self.accum_freq}"),
             (self.state_warmup_epochs >= 0, f"--state-warmup-epochs must be >= 0, got {self.state_warmup_epochs}"),
+            (self.max_nonfinite_steps >= 1, f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}"),
             (self.batch_size % self.accum_freq == 0,
              f"--batch-size ({self.batch_size}) must be a multiple of --accum-freq ({self.accum_freq})"),
         )
@@ -210,8 +216,14 @@ class RunConfig(_Section):
     name: str | None = _opt(None, "run name (default: date-model-loss-fnd)")
     resume: str | None = _opt(None, "'latest' (this run's last checkpoint, if any) or a checkpoint path")
     save_frequency: int = _opt(1, "write checkpoints/epoch_N.pt every N epochs (0: only epoch_latest.pt)")
+    save_every_n_steps: int = _opt(0, "also refresh epoch_latest.pt every N steps inside an epoch, with the data "
+                                      "position: --resume latest continues exactly from there (0: epoch ends only)")
     zeroshot_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout classification sets evaluated during training")
     retrieval_data: tuple[str, ...] = _opt((), "CLIP_benchmark-layout retrieval sets evaluated during training")
+    eval_suite: str | None = _opt(None, "benchmark suite evaluated during training, as `clip-glofnd eval --suite` "
+                                        "(packaged name or YAML file); its group means go to metrics.jsonl")
+    eval_dataset_root: tuple[str, ...] = _opt((), "where --eval-suite's data sets are (patterns as `clip-glofnd eval "
+                                                  "--dataset-root`)")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last) when eval data are given")
     log_every_n_steps: int = _opt(1, "write a metrics.jsonl line every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
@@ -222,14 +234,35 @@ class RunConfig(_Section):
             (self.name is None or (bool(self.name) and "/" not in self.name), f"--name must be a folder name, got "
                                                                                f"{self.name!r}"),
             (self.save_frequency >= 0, f"--save-frequency must be >= 0, got {self.save_frequency}"),
+            (self.save_every_n_steps >= 0, f"--save-every-n-steps must be >= 0, got {self.save_every_n_steps}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.eval_suite is None or bool(self.eval_suite), "--eval-suite must name a suite"),
+            (not self.eval_dataset_root or self.eval_suite is not None, "--eval-dataset-root needs --eval-suite"),
             (self.log_every_n_steps >= 1, f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}"),
             (self.resume is None or bool(self.resume), "--resume must be 'latest' or a checkpoint path"),
         )
 
 
+@dataclass(frozen=True)
+class StateConfig(_Section):
+    """Placement of the per-sample state: λ, Adam moments and u, 40 B per sample (clip_glofnd/state.py)."""
+
+    PREFIX: ClassVar[str] = "state"
+    TITLE: ClassVar[str] = "per-sample state"
+    device: Literal["train", "cpu"] = _opt(
+        "train", "train (the training device) or cpu (host memory: only the batch's rows go to the device each step)")
+    sharding: Literal["replicated", "by-id"] = _opt(
+        "replicated", "replicated (every rank holds all n rows; one all-gather of the written rows per step) or by-id "
+                      "(rank r holds ids = r mod W, n/W rows; two all-to-alls of the batch's rows per step; at world "
+                      "size 1 its one shard holds every row)")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+
 SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig,
-                                       "fnd": FndConfig, "optim": OptimConfig, "run": RunConfig}
+                                       "fnd": FndConfig, "optim": OptimConfig, "run": RunConfig,
+                                       "state": StateConfig}
 
 
 @dataclass(frozen=True)
@@ -242,6 +275,7 @@ class TrainConfig:
     fnd: FndConfig = field(default_factory=FndConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
         if self.optim.accum_freq > 1 and self.loss.name != "clip":
@@ -317,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "false-negative filtering (flags named like OpenCLIP's where OpenCLIP has them).")
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON/TOML file of flag values (keys: flag names "
                         "without dashes); command-line flags override it")
-    parser.add_argument("--dry-run", action="store_true", help="parse and validate, print the config, do not train")
+    parser.add_argument("--dry-run", action="store_true", help="parse and validate (flags, model name, and that every "
+                        "path the run opens exists), print the config, do not train")
     groups = {name: parser.add_argument_group(cls.TITLE or name, (cls.__doc__ or "").splitlines()[0])
               for name, cls in SECTIONS.items()}
     for name, cls, f, hint in _fields():
@@ -440,8 +475,11 @@ def train_main(argv: Sequence[str]) -> int:
         cfg, ns = parse_config(argv)
     except SystemExit as stop:                                            # --help
         return int(stop.code or 0)
+    from clip_glofnd.preflight import check_run
+    check_run(cfg)                                                        # every path and name, before any work
     if ns.dry_run:
-        sys.stdout.write(dump(cfg))
+        run_dir = Path(cfg.run.logs).absolute() / (cfg.run.name or "<date>-<model>-<loss>-<fnd>")
+        sys.stdout.write(f"{dump(cfg)}# run folder: {run_dir}\n")
         return 0
     from clip_glofnd import train                                         # torch / open_clip load only now
     return train.main(cfg)

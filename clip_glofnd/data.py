@@ -22,14 +22,16 @@ Epoch semantics (one `TrainLoader` = one epoch, shuffle seeded by (seed, epoch))
   batch_size)` full batches, so DDP never waits and gathers stay equal. A rank with more samples stops early (the
   rest are counted in `stats["unvisited"]`); a rank with fewer starts a second pass over its shards in a new order
   (counted in `stats["repeated"]`). With evenly sized shards and a shard count divisible by world_size nothing
-  repeats and fewer than world_size * batch_size samples are left out.
+  repeats and fewer than world_size * batch_size samples are left out;
+- an id delivered twice in a rank's first pass is an error naming both places (or a counted `duplicate_id` skip);
+- a sample's random augmentation is seeded by (seed, epoch, pass, id), and `TrainLoader.state_dict()` between two
+  batches lets a new loader of the same epoch continue with the very same batches (a mid-epoch resume): the main
+  process records, per worker role, how many shuffled samples it has received and whose item comes next in the
+  DataLoader's round robin; the resumed workers re-read their shards up to there without decoding.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
-import json
 import logging
 import math
 import random
@@ -38,17 +40,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
-import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_glofnd.errors import UsageError
-from clip_glofnd.shards import SIZES_JSON, BadSample, Shard, iter_samples, parse_id, resolve_shards
+from clip_glofnd.seen import SeenIds
+from clip_glofnd.shards import (SIZES_JSON, BadSample, Shard, decode_image, iter_samples, missing_local_shards,
+                                parse_id, read_caption, read_label, resolve_shards)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SHARD_KINDS = ("unreadable_shard", "truncated_shard")   # skip kinds that lose a whole shard (or its tail), not 1 sample
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Batch:
     texts: Tensor             # [b, ctx] long, tokenised by the model's tokenizer
     ids: Tensor               # [b] int64 global sample ids
     labels: Tensor | None     # [b] int64 when the shards carry `cls` (-1 where a sample lacks it), else None
+    first_seen: Tensor | None = None   # [b] bool: first delivery of the id this epoch (False: a rank's repeat pass)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -67,7 +68,7 @@ class Batch:
         """The same batch on `device`."""
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
-        return Batch(move(self.images), move(self.texts), move(self.ids), move(self.labels))
+        return Batch(move(self.images), move(self.texts), move(self.ids), move(self.labels), self.first_seen)
 
 
 def resolve_num_samples(pattern: str, num_samples: int | None) -> int:
@@ -91,48 +92,25 @@ class _StreamConfig:
     shuffle_buffer: int
     seed: tuple
     resampled: bool
+    rotation: int = 0         # resume: DataLoader worker i plays worker role (i + rotation) % workers
+    skip: tuple = ()          # resume: per role, shuffled samples already delivered (not decoded again); -1: role done
 
 
-def _caption(sample: dict, caption_key: str, shard: Shard) -> str:
-    """Caption from the `txt` member (or another member), or from a json field with caption_key='json:FIELD'."""
-    if caption_key.startswith("json:"):
-        field_name = caption_key[len("json:"):]
-        try:
-            value = json.loads(sample["json"]).get(field_name) if "json" in sample else None
-        except (ValueError, AttributeError):
-            value = None
-    else:
-        value = sample.get(caption_key)
-        value = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else None
-    if not isinstance(value, str) or not value.strip():
-        raise BadSample("missing_caption", shard.url, sample["__key__"],
-                        f"no caption under {caption_key!r} (or it is empty); set caption_key "
-                        f"(e.g. 'txt' or 'json:caption') or pass --skip-bad-samples")
-    return value.strip()
+def _preprocess_seeded(preprocess: Callable, image, seed: int) -> Tensor:
+    """preprocess(image) with torch's CPU and python's RNG seeded by `seed`, both restored afterwards.
 
-
-def _label(sample: dict, shard: Shard) -> int:
-    if "cls" not in sample:
-        return -1
+    A sample's random augmentation (open_clip's RandomResizedCrop) then depends on (seed, epoch, pass, id) only, not
+    on which worker decodes it or how many samples that worker decoded before: what makes a mid-epoch resume, which
+    skips samples without decoding them, give the same images.
+    """
+    torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
     try:
-        return int(sample["cls"].decode().strip())
-    except ValueError as error:
-        raise BadSample("bad_label", shard.url, sample["__key__"], f"cls {sample['cls'][:20]!r} is not an "
-                        f"integer") from error
-
-
-def _image(sample: dict, shard: Shard):
-    """The sample's image as an RGB PIL image (first of jpg, jpeg, png, webp)."""
-    from PIL import Image
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise BadSample("missing_image", shard.url, sample["__key__"], f"no image member ({'|'.join(IMAGE_EXTS)}); "
-                        f"members: {sorted(k for k in sample if not k.startswith('__'))}")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            return image.convert("RGB")
-    except Exception as error:
-        raise BadSample("unreadable_image", shard.url, sample["__key__"], f"cannot decode {ext} ({error})") from error
+        return preprocess(image)
+    finally:
+        torch.default_generator.set_state(torch_state)
+        random.setstate(python_state)
 
 
 def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
@@ -153,8 +131,10 @@ class _Stream(IterableDataset):
     """Runs in each loader worker: its shards -> validated samples -> shuffle buffer -> decoded -> batches.
 
     Yields dicts with images [k,3,H,W], texts [k,ctx], ids [k], labels [k] (k <= batch_size; only the last batch
-    of a worker is partial) and `skipped` (counts since the previous item); the last item has `end=True` so
-    skip counts made after the last batch still reach the main process.
+    of a worker is partial), `skipped` (counts since the previous item) and `reads` (samples in each shard this
+    worker finished reading since the previous item: a few ints per batch, for the epoch's shortfall check); the
+    last item has `end=True` so counts made after the last batch still reach the main process. Every item names the
+    worker role that made it and how many shuffled samples that role had emitted (the data position of a resume).
     """
 
     def __init__(self, shards: list[Shard], cfg: _StreamConfig, preprocess: Callable, tokenizer: Callable) -> None:
@@ -163,39 +143,57 @@ class _Stream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
-        rng = random.Random(_seed(*self.cfg.seed, worker))
+        roles = 1 if info is None else info.num_workers
+        role = ((0 if info is None else info.id) + self.cfg.rotation) % roles
+        start = self.cfg.skip[role] if self.cfg.skip else 0
+        if start < 0:                                                     # resume: this role had ended
+            return
+        rng = random.Random(_seed(*self.cfg.seed, role))
         skipped: Counter = Counter()
+        reads: Counter = Counter()                                      # shard url -> samples read, once finished
         if self.cfg.resampled:
             shards = iter(lambda: rng.choice(self.shards), None)        # with replacement, endless (OpenCLIP style)
         else:
-            shards = wds.split_by_worker(self.shards)
-        samples = self._raw(shards, skipped)
-        samples = _shuffled(samples, self.cfg.shuffle_buffer, rng)
+            shards = iter(self.shards[role::roles])                      # webdataset's split_by_worker, by role
+        samples = _shuffled(self._raw(shards, skipped, reads), self.cfg.shuffle_buffer, rng)
+        self._quiet = start > 0
         batch: list = []
+        emitted = 0                                                       # shuffled samples taken from the buffer
         try:
             for sample in samples:
+                emitted += 1
+                if emitted <= start:                                      # delivered before the checkpoint
+                    if emitted == start:                                  # its counts reached the main process
+                        skipped.clear()
+                        reads.clear()
+                        self._quiet = False
+                    continue
                 item = self._decode(sample, skipped)
                 if item is not None:
                     batch.append(item)
                 if len(batch) == self.cfg.batch_size:
-                    yield self._collate(batch, skipped)
+                    yield self._collate(batch, skipped, reads, role, emitted)
                     batch = []
         except BadSample as bad:              # strict mode: sent as data, the main process raises UsageError(message)
-            yield {"end": True, "skipped": dict(skipped), "error": str(bad)}
+            yield {"end": True, "skipped": dict(skipped), "reads": dict(reads), "error": str(bad), "worker": role}
             return
         if batch:
-            yield self._collate(batch, skipped)
-        yield {"end": True, "skipped": dict(skipped)}
+            yield self._collate(batch, skipped, reads, role, emitted)
+        yield {"end": True, "skipped": dict(skipped), "reads": dict(reads), "worker": role, "emitted": emitted}
 
-    def _handle(self, bad: BadSample, skipped: Counter) -> None:
+    def _handle(self, bad: BadSample, skipped: Counter, lost: int = 1) -> None:
+        """Raise `bad`, or (skip_bad_samples) count the `lost` samples under its kind and log it."""
         if not self.cfg.skip_bad_samples:
             raise bad
-        skipped[bad.kind] += 1
-        logger.warning("skipping bad sample (%s): %s", bad.kind, bad)
+        skipped[bad.kind] += lost
+        if not getattr(self, "_quiet", False):                           # quiet while a resume replays the stream
+            logger.warning("skipping bad sample (%s): %s", bad.kind, bad)
 
-    def _raw(self, shards, skipped: Counter) -> Iterator[tuple[Shard, dict, int, str, int]]:
-        """(shard, raw sample, id, caption, label) for every valid sample; bytes stay encoded for the buffer."""
+    def _raw(self, shards, skipped: Counter, reads: Counter) -> Iterator[tuple[Shard, dict, int, str, int]]:
+        """(shard, raw sample, id, caption, label) for every valid sample; bytes stay encoded for the buffer.
+
+        A shard that breaks off counts as the samples sizes.json says it lost (1 where sizes.json has no count).
+        """
         empty_streak = 0
         for shard in shards:
             if empty_streak > max(100, 2 * len(self.shards)):            # resampled: do not spin on broken shards
@@ -207,49 +205,86 @@ class _Stream(IterableDataset):
                     read, key = read + 1, sample["__key__"]
                     try:
                         empty_streak = 0
-                        yield (shard, sample, parse_id(sample, shard), _caption(sample, self.cfg.caption_key, shard),
-                               _label(sample, shard))
+                        yield (shard, sample, parse_id(sample, shard),
+                               read_caption(sample, self.cfg.caption_key, shard), read_label(sample, shard))
                     except BadSample as bad:
                         self._handle(bad, skipped)
                 if shard.count is not None and read < shard.count:
                     raise BadSample("truncated_shard", shard.url, key, f"ends after {read} samples but {SIZES_JSON} "
                                     f"says {shard.count}; re-download the shard or fix {SIZES_JSON}")
             except BadSample as bad:
-                self._handle(bad, skipped)
+                self._handle(bad, skipped, max(1, shard.count - read) if shard.count is not None else 1)
+            reads[shard.url] += read
 
     def _decode(self, item: tuple, skipped: Counter) -> tuple | None:
         shard, sample, gid, caption, label = item
         try:
-            image = self.preprocess(_image(sample, shard))
+            image = _preprocess_seeded(self.preprocess, decode_image(sample, shard),
+                                       _seed(*self.cfg.seed, "augment", gid))
         except BadSample as bad:
             self._handle(bad, skipped)
             return None
-        return image, caption, gid, label
+        return image, caption, gid, label, f"{shard.url}: sample {sample['__key__']!r}"
 
-    def _collate(self, batch: list[tuple], skipped: Counter) -> dict:
-        images, captions, ids, labels = zip(*batch)
+    def _collate(self, batch: list[tuple], skipped: Counter, reads: Counter, role: int, emitted: int) -> dict:
+        images, captions, ids, labels, sources = zip(*batch)
         out = {"images": torch.stack(images),                                # [k, 3, H, W]
                "texts": self.tokenizer(list(captions)),                      # [k, ctx]
                "ids": torch.tensor(ids, dtype=torch.int64),                  # [k]
                "labels": torch.tensor(labels, dtype=torch.int64),            # [k], -1 = no cls
-               "skipped": dict(skipped), "end": False}
+               "sources": list(sources),                                     # [k] "shard: sample 'key'"
+               "skipped": dict(skipped), "reads": dict(reads), "end": False, "worker": role, "emitted": emitted}
         skipped.clear()
+        reads.clear()
         return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # main-process side
 
+def _first_problem(shard: Shard, caption_key: str) -> str | None:
+    """The first problem of a shard (read again in this process, only to explain an epoch without samples)."""
+    try:
+        for sample in iter_samples(shard):
+            parse_id(sample, shard)
+            read_caption(sample, caption_key, shard)
+            read_label(sample, shard)
+            decode_image(sample, shard)
+    except BadSample as bad:
+        return str(bad)
+    return None
+
+
+@dataclass
+class _Arrival:
+    """A worker item waiting in the main process to be batched, with the loader's position from just before it came
+    (a checkpoint taken while it waits rewinds to that point) and the ids it marked as seen."""
+
+    item: dict
+    before: dict
+    marked: Tensor
+    pass_index: int
+
+
+_TENSORS = ("images", "texts", "ids", "labels")
+
+
 @dataclass
 class TrainLoader:
     """One epoch of `Batch`es for one rank (build one per epoch; see the module docstring for the epoch rules).
 
-    After iterating: `skipped` counts skipped bad samples by kind (only with skip_bad_samples=True): per sample
-    unreadable_image, missing_image, missing_caption, bad_json, bad_key, id_out_of_range, bad_label; per shard
-    unreadable_shard, truncated_shard (the shard's tail is lost; see "unvisited"). `stats` has "samples" (yielded
-    by this rank), "batches", "repeated" (samples from a later pass that filled this rank's quota), "unvisited"
-    (samples of this rank's shards never yielded; known when sizes.json has the shard counts), "passes".
-    Both are logged at the end of the epoch when not empty.
+    After iterating: `skipped` counts the first pass's skipped bad samples by kind (with skip_bad_samples): per sample
+    unreadable_image, missing_image, missing_caption, non_utf8_caption, bad_json, bad_key, id_out_of_range,
+    bad_label, duplicate_id; per shard unreadable_shard, truncated_shard, counted as the samples the shard lost per
+    sizes.json (1 where it has no count). `stats` has "samples" (yielded by this rank), "batches", "repeated"
+    (samples from a later pass that filled this rank's quota), "unvisited" (samples of this rank's shards neither
+    yielded nor skipped; known when sizes.json has the shard counts), "passes". `reads` has the samples read from
+    each shard in the first pass. All are logged at the end of the epoch when not empty, with a WARNING when the
+    first pass read fewer samples than expected (see `_shortfall`).
+
+    An id delivered twice in the first pass (the same id in two shards, or twice in one) is an error naming both
+    places, or with skip_bad_samples a dropped and counted `duplicate_id` (`seen`: one bit per id). `state_dict()`
+    between two batches and `load_state_dict()` on a new loader of the same epoch continue with the same batches.
     """
 
     shards: list[Shard]              # this rank's shards in this epoch's order (all shards when resampled)
@@ -261,24 +296,106 @@ class TrainLoader:
     num_batches: int                 # this rank, this epoch (exact when `exact`, else the expected count)
     exact: bool                      # exactly num_batches full batches (world_size > 1 or resampled)
     sample_cap: int | None = None    # world_size 1: stop after this many samples (train_num_samples)
+    expected_samples: int | None = None   # in this rank's shards: sizes.json counts, else its share; None: resampled
+    seen: SeenIds | None = None      # ids delivered in the first pass (None: resampled, repeats are expected)
     skipped: Counter = field(default_factory=Counter)
     stats: Counter = field(default_factory=Counter)
+    reads: Counter = field(default_factory=Counter)   # shard url -> samples read in the first pass (finished shards)
+
+    def __post_init__(self) -> None:
+        self._resume: dict | None = None
+        self._pending: list[_Arrival] = []
+        self._offset = 0                  # samples of _pending[0] already yielded
+        self._pos: dict = {}
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        self.skipped.clear()
-        self.stats.clear()
+        self._begin()
         yield from self._batches()
         self._finish()
 
+    # ------------------------------------------------------------------------------------------- position / resume
+    def state_dict(self) -> dict:
+        """Where this epoch stands, between two batches: enough to rebuild the next batches exactly.
+
+        Worker items received but not yet batched are not saved: the position is the one from before the first of
+        them arrived, and the resumed workers deliver those items again (their first `drop` samples were batched
+        already). Per worker role: shuffled samples delivered so far, which the resumed worker skips without decoding.
+        """
+        if self._pending:
+            base, drop = self._pending[0].before, self._offset
+        else:
+            base, drop = self._snapshot(), 0
+        seen = None
+        if self.seen is not None:
+            seen = SeenIds(self.seen.num_samples)
+            seen.bits.copy_(self.seen.bits)
+            for arrival in self._pending:
+                seen.remove(arrival.marked)
+            seen = seen.state_dict()
+        return {"fingerprint": self._fingerprint(), "position": base, "drop": drop, "seen": seen,
+                "samples": self.stats["samples"], "batches": self.stats["batches"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()` of a loader of the same epoch; UsageError naming what differs otherwise."""
+        ours, theirs = self._fingerprint(), state["fingerprint"]
+        changed = [f"{key} {ours.get(key)} (checkpoint: {theirs.get(key)})" for key in sorted(set(ours) | set(theirs))
+                   if ours.get(key) != theirs.get(key)]
+        if changed:
+            raise UsageError(f"the checkpoint's data position is for another data order: {'; '.join(changed)}; resume "
+                             f"with the same --train-data, --batch-size, --workers, --train-num-samples, --seed and "
+                             f"number of processes, or from an end-of-epoch checkpoint (epoch_N.pt)")
+        self._resume = state
+
+    def _fingerprint(self) -> dict:
+        """What fixes the order of this rank's samples (a resumed loader must match it)."""
+        urls = hashlib.sha256("\n".join(s.url for s in self.shards).encode()).hexdigest()[:16]
+        return {"shards": urls, "seed": list(self.cfg.seed), "batch_size": self.cfg.batch_size,
+                "workers": self._roles(self.shards), "num_batches": self.num_batches, "sample_cap": self.sample_cap,
+                "resampled": self.cfg.resampled}
+
+    def _snapshot(self) -> dict:
+        """The arrival-side state: pass, per-role progress, round-robin cursor and the counters kept at arrival."""
+        return {**self._pos, "emitted": list(self._pos["emitted"]), "skipped": dict(self.skipped),
+                "reads": dict(self.reads), "first_pass": self.stats["first_pass"], "passes": self.stats["passes"]}
+
+    def _begin(self) -> None:
+        """Fresh epoch state, or the state loaded with load_state_dict."""
+        self.skipped.clear()
+        self.stats.clear()
+        self.reads.clear()
+        self._pending, self._offset = [], 0
+        self._pos = {"pass_index": 0, "emitted": [0] * self._roles(self.shards), "next_role": 0, "got": 0}
+        if self.seen is not None:
+            self.seen.clear()
+        state, self._resume = self._resume, None
+        if state is None:
+            return
+        position = {**state["position"], "emitted": list(state["position"]["emitted"])}     # the state stays as given
+        self.skipped.update(position.pop("skipped"))
+        self.reads.update(position.pop("reads"))
+        self.stats.update(first_pass=position.pop("first_pass"), passes=position.pop("passes"),
+                          samples=state["samples"], batches=state["batches"])
+        self._pos, self._offset = position, state["drop"]
+        if self.seen is not None and state["seen"] is not None:
+            self.seen.load_state_dict(state["seen"])
+
+    def _roles(self, shards: list[Shard]) -> int:
+        """Worker roles of a pass: DataLoader workers (at most one per shard), 1 without workers."""
+        return max(1, self.workers if self.cfg.resampled else min(self.workers, len(shards)))
+
+    # -------------------------------------------------------------------------------------------------- streaming
     def _loader(self, pass_index: int) -> DataLoader:
-        """A DataLoader over this rank's shards; later passes (to fill a rank's quota) use a new shard order."""
+        """A DataLoader over this rank's shards; later passes (to fill a rank's quota) use a new shard order; inside a
+        resumed pass the workers take their roles from the round-robin cursor and skip what was delivered."""
         cfg = self.cfg if pass_index == 0 else replace(self.cfg, seed=(*self.cfg.seed, pass_index))
         shards = self.shards
         if pass_index > 0 and not cfg.resampled:
             shards = random.Random(_seed(*cfg.seed)).sample(shards, len(shards))
+        if self._pos["next_role"] or any(self._pos["emitted"]):
+            cfg = replace(cfg, rotation=self._pos["next_role"], skip=tuple(self._pos["emitted"]))
         workers = self.workers if cfg.resampled else min(self.workers, len(shards))
         return DataLoader(_Stream(shards, cfg, self.preprocess, self.tokenizer), batch_size=None, num_workers=workers,
                           generator=torch.Generator().manual_seed(_seed(*cfg.seed, "augment")))
@@ -288,65 +405,156 @@ class TrainLoader:
             return self.cfg.batch_size
         return min(self.cfg.batch_size, self.sample_cap - self.stats["samples"])
 
-    def _items(self) -> Iterator[tuple[int, dict]]:
-        """(pass index, worker item) over one pass, or as many as `exact` needs; a worker's error is raised here."""
-        for pass_index in itertools.count():
-            got = 0
+    def _items(self) -> Iterator[_Arrival]:
+        """Worker items of one pass, or of as many as `exact` needs, as arrivals; a worker's error is raised here."""
+        while True:
+            pass_index = self._pos["pass_index"]
             items = iter(self._loader(pass_index))
             try:
                 for item in items:
-                    self.skipped.update(item["skipped"])
-                    if "error" in item:
-                        raise UsageError(item["error"])
-                    if not item["end"]:
-                        got += len(item["ids"])
-                        yield pass_index, item
+                    arrival = self._arrive(pass_index, item)
+                    if arrival is not None:
+                        yield arrival
             finally:
                 del items                  # stop the workers now, not when a traceback holding them is collected
             self.stats["passes"] = pass_index + 1
+            if self._pos["got"] == 0:
+                raise self._no_sample_error()
             if not self.exact:
                 return
-            if got == 0:
-                raise UsageError(f"no valid samples in this rank's {len(self.shards)} shards (first: "
-                                 f"{self.shards[0].url}); skipped: {dict(self.skipped)}")
+            self._pos = {"pass_index": pass_index + 1, "emitted": [0] * len(self._pos["emitted"]), "next_role": 0,
+                         "got": 0}
+
+    def _arrive(self, pass_index: int, item: dict) -> _Arrival | None:
+        """Account for one worker item (position, counts, duplicate ids); the arrival to batch, if any."""
+        before = self._snapshot()
+        if pass_index == 0:                    # later passes re-read the same shards: count each sample once
+            self.skipped.update(item["skipped"])
+            self.reads.update(item["reads"])
+        if "error" in item:
+            raise UsageError(item["error"])
+        role = item["worker"]
+        self._pos["emitted"][role] = -1 if item["end"] else item["emitted"]
+        self._pos["next_role"] = (role + 1) % len(self._pos["emitted"])
+        if item["end"]:
+            return None
+        marked = torch.zeros(0, dtype=torch.int64)
+        if pass_index == 0 and self.seen is not None:
+            item, marked = self._drop_duplicates(item)
+        self._pos["got"] += len(item["ids"])
+        self.stats["first_pass"] += 0 if pass_index else len(item["ids"])
+        return _Arrival(item, before, marked, pass_index) if len(item["ids"]) else None
+
+    def _drop_duplicates(self, item: dict) -> tuple[dict, Tensor]:
+        """Mark the item's ids as seen; a repeated id is an error naming both places, or dropped and counted."""
+        repeated = self.seen.add(item["ids"])                                          # [k] bool
+        if not bool(repeated.any()):
+            return item, item["ids"]
+        for k in repeated.nonzero().flatten().tolist():
+            gid, here = int(item["ids"][k]), item["sources"][k]
+            if not self.cfg.skip_bad_samples:
+                earlier = next((p for p in id_places(self.shards, gid) if p != here), "an earlier sample")
+                raise UsageError(f"id {gid} comes twice in this epoch: {earlier} and {here}; fix the ids (clip-glofnd "
+                                 f"check-shards PATTERN lists duplicates) or pass --skip-bad-samples")
+            self.skipped["duplicate_id"] += 1
+            logger.warning("skipping bad sample (duplicate_id): %s: id %d was delivered earlier this epoch", here, gid)
+        keep = ~repeated
+        item = {**item, **{key: item[key][keep] for key in _TENSORS},
+                "sources": [s for s, k in zip(item["sources"], keep.tolist()) if k]}
+        return item, item["ids"]
+
+    def _no_sample_error(self) -> UsageError:
+        """Why this rank's shards gave no valid sample, in one line: missing files, what was skipped, or empty tars."""
+        n = len(self.shards)
+        where = self.shards[0].url if n == 1 else f"{self.shards[0].url} … {self.shards[-1].url}"
+        missing = missing_local_shards(self.shards)
+        reasons = [f"{len(missing)} of {n} not found (first: {missing[0]}; a typo in the pattern?)"] if missing else []
+        reasons += [f"skipped: {dict(self.skipped)}"] if self.skipped else []
+        example = _first_problem(self.shards[0], self.cfg.caption_key) if self.skipped and not missing else None
+        first = f"; first: {example}" if example else ""
+        return UsageError(f"no valid sample in this rank's {n} shard(s) ({where}): "
+                          f"{'; '.join(reasons) or 'the tars are empty'}; check --train-data (`clip-glofnd "
+                          f"check-shards PATTERN --deep` lists every problem){first}")
 
     def _batches(self) -> Iterator[Batch]:
-        pending: list[dict] = []          # worker items not yet yielded (only a worker's last item is partial)
-        for pass_index, item in self._items():
-            self.stats["first_pass"] += 0 if pass_index else len(item["ids"])
-            pending.append(item)
-            while 0 < self._next_size() <= sum(len(p["ids"]) for p in pending):
-                yield self._take(pending, self._next_size())
+        for arrival in self._items():
+            self._pending.append(arrival)
+            while 0 < self._next_size() <= self._pending_count():
+                yield self._take(self._next_size())
                 if (self.exact and self.stats["batches"] == self.num_batches) or self._next_size() == 0:
                     return
-        if pending:
-            yield self._take(pending, sum(len(p["ids"]) for p in pending))
+        if self._pending:
+            yield self._take(self._pending_count())
 
-    def _take(self, pending: list[dict], n: int) -> Batch:
-        """The first n pending samples as a Batch; the rest stay pending."""
-        if len(pending) == 1 and len(pending[0]["ids"]) == n:
-            head, rest = pending[0], None
-        else:
-            merged = {k: torch.cat([p[k] for p in pending]) for k in ("images", "texts", "ids", "labels")}
-            head = {k: v[:n] for k, v in merged.items()}
-            rest = {k: v[n:] for k, v in merged.items()}
-        pending[:] = [rest] if rest is not None and len(rest["ids"]) else []
-        self.stats["samples"] += n
+    def _pending_count(self) -> int:
+        return sum(len(a.item["ids"]) for a in self._pending) - self._offset
+
+    def _take(self, n: int) -> Batch:
+        """The first n pending samples as a Batch (first in, first out); the rest stay pending."""
+        chunks: list[dict] = []
+        first_seen: list[Tensor] = []
+        while n:
+            head = self._pending[0]
+            k = min(n, len(head.item["ids"]) - self._offset)
+            chunks.append({key: head.item[key][self._offset:self._offset + k] for key in _TENSORS})
+            first_seen.append(torch.full((k,), head.pass_index == 0))
+            n, self._offset = n - k, self._offset + k
+            if self._offset == len(head.item["ids"]):
+                self._pending.pop(0)
+                self._offset = 0
+        batch = chunks[0] if len(chunks) == 1 else {key: torch.cat([c[key] for c in chunks]) for key in _TENSORS}
+        self.stats["samples"] += len(batch["ids"])
         self.stats["batches"] += 1
-        labels = head["labels"] if bool((head["labels"] >= 0).any()) else None
-        return Batch(head["images"], head["texts"], head["ids"], labels)
+        labels = batch["labels"] if bool((batch["labels"] >= 0).any()) else None
+        return Batch(batch["images"], batch["texts"], batch["ids"], labels,
+                     torch.cat(first_seen) if self.seen is not None else None)
 
     def _finish(self) -> None:
-        first_pass = min(self.stats.pop("first_pass"), self.stats["samples"])   # pending is FIFO: first pass first
+        first_pass = min(self.stats.pop("first_pass", 0), self.stats["samples"])   # pending is FIFO: first pass first
         self.stats["repeated"] = self.stats["samples"] - first_pass
         counts = [s.count for s in self.shards]
         if not self.cfg.resampled and None not in counts:
-            bad = sum(n for kind, n in self.skipped.items() if kind not in SHARD_KINDS)
-            self.stats["unvisited"] = max(0, sum(counts) - first_pass - bad)
+            self.stats["unvisited"] = max(0, sum(counts) - first_pass - sum(self.skipped.values()))
         if self.skipped:
             logger.warning("skipped %d bad samples this epoch: %s", sum(self.skipped.values()), dict(self.skipped))
+        shortfall = self._shortfall() if self.stats["passes"] and self.expected_samples is not None else None
+        if shortfall:
+            logger.warning("%s", shortfall)
         if self.stats["repeated"] or self.stats["unvisited"] or self.stats["batches"] != self.num_batches:
             logger.info("epoch data (expected %d batches): %s", self.num_batches, dict(self.stats))
+
+    def _shortfall(self) -> str | None:
+        """After a complete first pass: this rank's samples read vs expected, naming the short shards; None if none.
+
+        With per-shard counts in sizes.json every shard is compared with its count; without, the rank's total is
+        compared with its share of samples_per_epoch and the shards that gave the fewest samples (or none) are named.
+        """
+        reads, total, expected = self.reads, sum(self.reads.values()), self.expected_samples
+        by_reads = sorted(self.shards, key=lambda s: reads[s.url])
+        if None not in [s.count for s in self.shards]:
+            short = sorted((s for s in self.shards if reads[s.url] < s.count), key=lambda s: reads[s.url] - s.count)
+            names = [f"{s.url} {reads[s.url]} of {s.count}" for s in short]
+            source = f"that {SIZES_JSON} lists for them"
+            advice = f"re-download or rebuild them, or fix {SIZES_JSON}"
+        else:
+            per_shard = expected / len(self.shards)                     # no counts: shards assumed of even size
+            empty = [s for s in by_reads if reads[s.url] == 0 and s.count != 0]
+            if total >= expected and not empty:
+                return None
+            short = empty if total >= expected else [s for s in by_reads if reads[s.url] < per_shard]
+            names = [f"{s.url} {reads[s.url] or 'none (empty)'}" for s in short]
+            names[-1] += f" (about {per_shard:.0f} expected per shard)"
+            source = (f"expected ({'its share of ' if self.exact else ''}{self.samples_per_epoch} samples per epoch "
+                      f"from num_samples or --train-num-samples; {SIZES_JSON} has no per-shard counts)")
+            advice = ("write the counts with `clip-glofnd check-shards PATTERN --write-sizes`"
+                      + ("" if self.exact else f", or pass --train-num-samples {total} if the data set is that small"))
+        if not short:
+            return None
+        missing = max(0, expected - total)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        return (f"data shortfall on rank {self.cfg.seed[2]}: its {len(self.shards)} shards gave {total} samples, "
+                f"{missing} ({missing / max(expected, 1):.1%}) fewer than the {expected} {source}; short shards: "
+                f"{', '.join(names[:5])}{more}; {advice}")
 
 
 def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable, batch_size: int,
@@ -366,7 +574,7 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0 or shuffle_buffer < 1:
         raise UsageError(f"need batch_size >= 1, workers >= 0, shuffle_buffer >= 1 and 0 <= rank < world_size; got "
                          f"{batch_size=}, {workers=}, {shuffle_buffer=}, {rank=}, {world_size=}")
-    shards, _ = resolve_shards(pattern, num_samples)
+    shards, id_space = resolve_shards(pattern, num_samples)
     counts = [s.count for s in shards]
     if train_num_samples is not None:
         samples_per_epoch = train_num_samples
@@ -388,4 +596,30 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
                          f"{world_size} ranks; lower --batch-size")
     cfg = _StreamConfig(batch_size, caption_key, skip_bad_samples, shuffle_buffer, (seed, epoch, rank), resampled)
     cap = train_num_samples if not exact else None
-    return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap)
+    mine_counts = [s.count for s in mine]
+    expected = (None if resampled else sum(mine_counts) if None not in mine_counts
+                else round(samples_per_epoch * len(mine) / len(shards)))      # shards are assumed of even size
+    return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap, expected,
+                       seen=None if resampled else SeenIds(id_space))
+
+
+def id_places(shards: list[Shard], gid: int, limit: int = 3) -> list[str]:
+    """Where global id `gid` occurs in `shards` ("shard: sample 'key'", at most `limit`); reads only json members.
+
+    For error messages about duplicate ids: a re-scan on error instead of a per-sample map kept all epoch.
+    """
+    places = []
+    for shard in shards:
+        try:
+            for sample in iter_samples(shard, wanted={"json"}):
+                try:
+                    found = parse_id(sample, shard) == gid
+                except BadSample:
+                    continue
+                if found:
+                    places.append(f"{shard.url}: sample {sample['__key__']!r}")
+                    if len(places) == limit:
+                        return places
+        except BadSample:
+            continue
+    return places

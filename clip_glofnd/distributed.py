@@ -5,10 +5,12 @@ Launch with ``torchrun`` (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_
 MASTER_PORT from MASTER_PORT or SLURM_JOB_ID). NCCL on CUDA, gloo on CPU. With ``world_size == 1`` every function
 here is the identity or a no-op and makes no torch.distributed call, so train.py calls them unconditionally.
 
-Per-sample state (GloFND's λ, m, v, steps and the losses' u) is replicated on every rank: each rank updates the rows
+Per-sample state (GloFND's λ, m, v, steps and the losses' u): replicated on every rank, each rank updates the rows
 of its local anchors, then :func:`sync_rows` all-gathers those rows and writes them everywhere, so every rank holds
-the full, identical state before any row is read again. README "Multi-GPU" gives the memory and communication of
-this choice and what sharding by id would take.
+the full, identical state before any row is read again. Sharded by id (clip_glofnd/state.py), rows travel between
+their owner and the rank that needs them with :func:`exchange_rows`, an all-to-all with uneven splits (gloo supports
+it as ``all_to_all_single`` with split sizes; its list form ``all_to_all`` needs equal sizes there). Rows travel as
+raw bytes, so every dtype arrives exactly. README "Multi-GPU" gives the memory and communication of each choice.
 """
 from __future__ import annotations
 
@@ -120,16 +122,42 @@ def sync_rows(holders: Sequence[HasRows], ids: Tensor, dist: DistInfo) -> None:
     if dist.world_size == 1 or not holders:
         return
     exported = [holder.export_rows(ids) for holder in holders]
-    fields = [ids.to(torch.long)] + [rows[key] for rows in exported for key in sorted(rows)]
-    packed = _pack_rows(fields)                                                # [b, bytes per row] uint8
-    gathered = _all_gather(packed.to(dist.device))                            # [W*b, bytes per row]
-    ids_all, *columns = _unpack_rows(gathered, fields)                        # [W*b] and one [W*b, ...] per field
-    first = _first_occurrence(ids_all)                                        # [W*b] row index of the winner
+    ids_all, *columns = gather_rows([ids.to(torch.long)] + [rows[key] for rows in exported for key in sorted(rows)],
+                                    dist)                                     # [W*b] and one [W*b, ...] per field
+    first = first_occurrence(ids_all)                                         # [W*b] row index of the winner
     columns = [column[first] for column in columns]                           # duplicates carry equal rows
     for holder, rows in zip(holders, exported):
         keys = sorted(rows)
         holder.import_rows(ids_all, dict(zip(keys, columns[:len(keys)])))
         columns = columns[len(keys):]
+
+
+@torch.no_grad()
+def gather_rows(fields: Sequence[Tensor], dist: DistInfo) -> list[Tensor]:
+    """Each field [b, ...] concatenated over ranks along dim 0 ([W*b, ...], rank order), all fields in one all-gather
+    of their raw bytes; on `dist.device`. The identity for one process."""
+    if dist.world_size == 1:
+        return list(fields)
+    return _unpack_rows(_all_gather(_pack_rows(fields).to(dist.device)), fields)
+
+
+@torch.no_grad()
+def exchange_rows(fields: Sequence[Tensor], send_splits: Sequence[int], recv_splits: Sequence[int], dist: DistInfo
+                  ) -> list[Tensor]:
+    """All-to-all of rows: this rank sends rows [sum(send_splits), ...] of every field, the first send_splits[0] to
+    rank 0, the next send_splits[1] to rank 1, ..., and receives [sum(recv_splits), ...] per field, rank 0's first.
+
+    All fields travel in one ``all_to_all_single`` of their raw bytes (uneven splits; gloo and NCCL), on
+    `dist.device`. Every rank must pass the splits that agree with the others' (recv_splits[s] here = send_splits[r]
+    on rank s). The identity for one process.
+    """
+    if dist.world_size == 1:
+        return list(fields)
+    packed = _pack_rows(fields).to(dist.device)                               # [sum(send), bytes per row]
+    received = packed.new_empty((sum(recv_splits), packed.shape[1]))          # [sum(recv), bytes per row]
+    tdist.all_to_all_single(received, packed, output_split_sizes=list(recv_splits),
+                            input_split_sizes=list(send_splits))
+    return _unpack_rows(received, fields)
 
 
 @torch.no_grad()
@@ -155,6 +183,25 @@ def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src, device=dist.device if dist.backend == "nccl" else None)
     return box[0]
+
+
+def all_gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; e.g. each rank's data position)."""
+    if dist.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def all_true(flag: Tensor, dist: DistInfo) -> bool:
+    """True when the bool scalar `flag` is True on every rank (one all-reduce; a host sync)."""
+    flag = flag.detach().reshape(()).to(torch.int32)
+    if dist.world_size > 1:
+        flag = flag.to(dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def is_main(dist: DistInfo) -> bool:
@@ -214,15 +261,19 @@ def _pack_rows(fields: Sequence[Tensor]) -> Tensor:
     """[b, total bytes] uint8: the raw bytes of each field's row i side by side (fields shaped [b, ...])."""
     rows = fields[0].shape[0]
     device = fields[0].device
-    return torch.cat([f.detach().to(device).contiguous().reshape(rows, -1).view(torch.uint8) for f in fields], dim=1)
+    return torch.cat([f.detach().to(device).contiguous().reshape(rows, _row_bytes(f) // f.element_size())
+                      .view(torch.uint8) for f in fields], dim=1)                # explicit width: rows may be 0
 
 
 def _unpack_rows(packed: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Inverse of `_pack_rows` for any number of rows, with dtypes and trailing shapes taken from `like`."""
+    if packed.shape[0] == 0:                                                     # no rows: nothing to view
+        return [torch.empty((0, *f.shape[1:]), dtype=f.dtype, device=packed.device) for f in like]
     out, start = [], 0
     for field in like:
         width = _row_bytes(field)
-        chunk = packed[:, start:start + width].contiguous().view(field.dtype)  # [R, row numel]
+        chunk = packed.new_empty((packed.shape[0], width)).copy_(packed[:, start:start + width])   # fresh strides
+        chunk = chunk.view(field.dtype)                                        # [R, row numel] (also for R = 1)
         out.append(chunk.reshape(packed.shape[0], *field.shape[1:]))
         start += width
     return out
@@ -236,8 +287,8 @@ def _row_bytes(field: Tensor) -> int:
     return per_row * field.element_size()
 
 
-def _first_occurrence(ids: Tensor) -> Tensor:
-    """[R] index of the first position holding the same id as position i (no host sync)."""
+def first_occurrence(ids: Tensor) -> Tensor:
+    """[R] index of the first position holding the same id as position i (pure tensor code, no host sync)."""
     sorted_ids, order = ids.sort(stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]

@@ -4,3 +4,7 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """Bad input the user can fix; the message names the flag, file or key and says what to do."""
+
+
+class TrainingStopped(UsageError):
+    """Training cannot go on (e.g. a run of non-finite steps); printed on one line like a UsageError."""

@@ -14,13 +14,14 @@ Retrieval scores are computed on the CPU in row chunks (memory O(chunk · N), ne
 matrix product CLIP_benchmark uses (texts @ images.T on the CPU), so they are the same numbers on any device.
 Samples are read and batched as CLIP_benchmark's loader does (shards in order; with n workers worker i reads shards
 i, i + n, ... and batches arrive in turn), so `--batch-size B --workers W` gives its numbers for `--batch_size B
---num_workers W`. Where captions repeat exactly, ties broken by last-bit differences between batchings can move
-retrieval numbers slightly when B or W change, in both tools.
+--num_workers W`; the defaults are CLIP_benchmark's (64, 4), so the two agree without flags. Where captions repeat
+exactly, ties broken by last-bit differences between batchings can move retrieval numbers slightly when B or W change,
+in both tools.
 
 Data: CLIP_benchmark's local `wds/` layout (SPLIT/nshards.txt, SPLIT/{0..n-1}.tar, classnames.txt,
 zeroshot_classification_templates.txt, dataset_type.txt) or an ImageNet-style folder of class subfolders with
 classnames.txt (1,000 folders without one get the packaged ImageNet-1k names). `clip-glofnd eval` writes one
-CLIP_benchmark-shaped JSON per (dataset, task).
+CLIP_benchmark-shaped JSON per (dataset, task); with `--suite` it runs a whole benchmark suite (clip_glofnd/suite.py).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 RESOURCES = Path(__file__).parent / "resources"
 CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 RECALL_K = (1, 5, 10)
+BATCH_SIZE, WORKERS = 64, 4   # CLIP_benchmark's --batch_size / --num_workers defaults: the same tie order (see above)
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order of preference within a sample
 
 
@@ -323,6 +325,22 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_image: Tensor, *
     return metrics
 
 
+def main_metric_names(task: str) -> tuple[str, ...]:
+    """Metrics a suite may average for `task`: CLIP_benchmark's, plus DataComp's `mean_recall@1` for retrieval."""
+    if task == CLASSIFICATION:
+        return "acc1", "acc5", "mean_per_class_recall"
+    return ("mean_recall@1", *(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in RECALL_K))
+
+
+def with_mean_recall(metrics: dict[str, float]) -> dict[str, float]:
+    """Retrieval metrics plus DataComp's `mean_recall@1` = (image R@1 + text R@1) / 2 (its eval_utils/retr_eval.py);
+    classification metrics unchanged."""
+    if "image_retrieval_recall@1" not in metrics:
+        return dict(metrics)
+    mean = 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+    return {**metrics, "mean_recall@1": mean}
+
+
 # ---------------------------------------------------------------------------------------------------- model side
 
 
@@ -397,8 +415,8 @@ def zeroshot_retrieval(model: nn.Module, loader, tokenizer: Callable, dataset: E
 
 
 def evaluate_dataset(model: nn.Module, preprocess: Callable, tokenizer: Callable, dataset: EvalDataset, *,
-                     device: str = "cpu", precision: str = "fp32", batch_size: int = 256,
-                     workers: int = 0) -> dict[str, float]:
+                     device: str = "cpu", precision: str = "fp32", batch_size: int = BATCH_SIZE,
+                     workers: int = WORKERS) -> dict[str, float]:
     """CLIP_benchmark's metrics of one data set (classification or retrieval, by its kind)."""
     loader = make_loader(dataset, preprocess, batch_size=batch_size, workers=workers)
     if dataset.kind == "classification":
@@ -426,8 +444,8 @@ def open_datasets(zeroshot_data: Sequence[str | Path] = (), retrieval_data: Sequ
 
 
 def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, *, zeroshot_data: Sequence[str] = (),
-             retrieval_data: Sequence[str] = (), device: str = "cpu", precision: str = "fp32", batch_size: int = 256,
-             workers: int = 0, split: str = "test") -> dict[str, float]:
+             retrieval_data: Sequence[str] = (), device: str = "cpu", precision: str = "fp32",
+             batch_size: int = BATCH_SIZE, workers: int = WORKERS, split: str = "test") -> dict[str, float]:
     """Flat metrics "zeroshot/<name>/acc1", ..., "retrieval/<name>/image_retrieval_recall@1", ... of a model.
 
     Works on the model in memory during training (eval mode inside, its previous mode restored) or on one made by
@@ -455,51 +473,88 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, *, zer
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `clip-glofnd eval` (names as CLIP_benchmark / OpenCLIP users type them)."""
     parser = argparse.ArgumentParser(prog="clip-glofnd eval", description="Zero-shot classification and retrieval "
-                                     "of a checkpoint, with CLIP_benchmark's metrics and result files.")
+                                     "of a checkpoint, with CLIP_benchmark's metrics and result files; --suite runs a "
+                                     "whole benchmark suite (DataComp's 38 tasks, ImageNet and variants, ...) with "
+                                     "group means, resumably, for one or several checkpoints.")
     parser.add_argument("--model", required=True, help="open_clip architecture, clip_glofnd config (clip-tiny) or "
                         "path to a JSON config")
-    parser.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
-                        help="checkpoint file (ours or any OpenCLIP file) or an OpenCLIP pretrained tag; "
-                        "default: random init")
+    parser.add_argument("--checkpoint", "--pretrained", dest="checkpoint", nargs="+", default=None, metavar="CKPT",
+                        help="checkpoint file (ours or any OpenCLIP file) or an OpenCLIP pretrained tag; default: "
+                        "random init. With --suite: several files, or a run folder of `clip-glofnd train` (its "
+                        "checkpoints/epoch_N.pt), one summary column each")
     parser.add_argument("--zeroshot-data", nargs="+", default=[], metavar="DIR",
                         help="classification sets: CLIP_benchmark wds/ layout or a folder of class subfolders")
     parser.add_argument("--retrieval-data", nargs="+", default=[], metavar="DIR",
                         help="retrieval sets: CLIP_benchmark wds/ layout with dataset_type.txt = retrieval")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the result JSON files")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the result files")
     parser.add_argument("--split", default="test", help="wds split folder to read")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (and score rows per chunk)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per batch (and score rows per "
+                        "chunk); with --workers it sets the order in which tied retrieval scores break (default: "
+                        f"{BATCH_SIZE}, CLIP_benchmark's)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"data loader processes (default: {WORKERS}, "
+                        "CLIP_benchmark's)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 gives CLIP_benchmark's --no_amp numbers; amp = fp16 autocast")
+    suite = parser.add_argument_group("benchmark suites", "results.jsonl, summary.md / .csv (main metric per task, "
+                                      "group means, overall mean; one column per checkpoint) in --output")
+    suite.add_argument("--suite", metavar="SUITE", help="packaged suite (datacomp, imagenet-variants, retrieval, "
+                       "digits) or a YAML file with `tasks:`")
+    suite.add_argument("--dataset-root", nargs="+", default=[], metavar="PATTERN",
+                       help="where a suite's data sets are: a folder holding them by name (ROOT/vtab/caltech101) or "
+                       "a pattern with CLIP_benchmark's {dataset} / {dataset_cleaned} placeholders, e.g. "
+                       "'/data/wds_{dataset_cleaned}'; several patterns: the first that exists wins")
+    suite.add_argument("--overwrite", action="store_true", help="recompute tasks that results.jsonl already holds "
+                       "(default: skip them, so a rerun resumes)")
+    suite.add_argument("--skip-missing", action="store_true", help="run the data sets that are there and mark the "
+                       "missing ones in the summary (default: list them all and stop)")
     return parser
 
 
-def _result_file(output: Path, dataset: EvalDataset, model: str, checkpoint: str | None, task: str) -> Path:
+def result_record(dataset: str, model: str, checkpoint: str | None, task: str, metrics: dict[str, float]) -> dict:
+    """One result in CLIP_benchmark's JSON shape (what `clip_benchmark build` merges)."""
+    return {"dataset": dataset, "model": model, "pretrained": checkpoint, "task": task, "metrics": metrics,
+            "language": "en"}
+
+
+def result_file_name(dataset: str, pretrained: str, model: str, task: str) -> str:
     """CLIP_benchmark's default name: {dataset}_{pretrained}_{model}_{language}_{task}.json."""
-    pretrained = Path(checkpoint).name if checkpoint and Path(checkpoint).is_file() else checkpoint or "random-init"
-    return output / f"{dataset.name}_{pretrained}_{Path(model).stem}_en_{task}.json"
+    return f"{dataset}_{pretrained}_{Path(model).stem}_en_{task}.json"
 
 
-def _summary(dataset: EvalDataset, metrics: dict[str, float], seconds: float) -> str:
+def pretrained_slug(checkpoint: str | None) -> str:
+    """The {pretrained} part of a result name: a checkpoint file's name, else the tag, else "random-init"."""
+    return Path(checkpoint).name if checkpoint and Path(checkpoint).is_file() else checkpoint or "random-init"
+
+
+def _summary(dataset: str, metrics: dict[str, float], seconds: float) -> str:
     """One line per data set."""
     shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
-    return f"{dataset.benchmark_name}: {shown} ({seconds:.1f} s)"
+    return f"{dataset}: {shown} ({seconds:.1f} s)"
 
 
 def main(argv: Sequence[str]) -> int:
     """`clip-glofnd eval`: evaluate, write one CLIP_benchmark-shaped JSON per (dataset, task), print summaries."""
     args = build_parser().parse_args(list(argv))
-    if not args.zeroshot_data and not args.retrieval_data:
-        raise UsageError("nothing to evaluate: pass --zeroshot-data and/or --retrieval-data")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be ≥ 1 and --workers ≥ 0")
+    if args.suite:
+        if args.zeroshot_data or args.retrieval_data:
+            raise UsageError("--suite names its own data sets; drop --zeroshot-data / --retrieval-data (or write "
+                             "them into a suite file)")
+        from clip_glofnd.suite import suite_main
+        return suite_main(args)
+    if not args.zeroshot_data and not args.retrieval_data:
+        raise UsageError("nothing to evaluate: pass --zeroshot-data and/or --retrieval-data, or --suite")
+    if args.checkpoint and len(args.checkpoint) > 1:
+        raise UsageError("several checkpoints (or a run folder) need --suite; evaluate one --checkpoint at a time "
+                         "otherwise")
+    checkpoint = args.checkpoint[0] if args.checkpoint else None
     datasets = open_datasets(args.zeroshot_data, args.retrieval_data, split=args.split)
     import torch
     from clip_glofnd.model import create_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, preprocess, tokenizer = create_model(args.model, args.checkpoint, device=device,
-                                                   precision=args.precision)
+    model, _, preprocess, tokenizer = create_model(args.model, checkpoint, device=device, precision=args.precision)
     model.eval()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -508,8 +563,8 @@ def main(argv: Sequence[str]) -> int:
         metrics = evaluate_dataset(model, preprocess, tokenizer, dataset, device=device, precision=args.precision,
                                    batch_size=args.batch_size, workers=args.workers)
         task = CLASSIFICATION if dataset.kind == "classification" else RETRIEVAL
-        result = {"dataset": dataset.benchmark_name, "model": args.model, "pretrained": args.checkpoint,
-                  "task": task, "metrics": metrics, "language": "en"}
-        _result_file(output, dataset, args.model, args.checkpoint, task).write_text(json.dumps(result) + "\n")
-        print(_summary(dataset, metrics, time.perf_counter() - start))
+        result = result_record(dataset.benchmark_name, args.model, checkpoint, task, metrics)
+        name = result_file_name(dataset.name, pretrained_slug(checkpoint), args.model, task)
+        (output / name).write_text(json.dumps(result) + "\n")
+        print(_summary(dataset.benchmark_name, metrics, time.perf_counter() - start))
     return 0

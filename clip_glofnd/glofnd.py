@@ -11,7 +11,9 @@ whose stochastic subgradient on the negatives of i in a mini-batch is
 
 Only the anchors in the batch are updated, each with its own Adam step (moments m_i, v_i, visit count steps_i);
 λ is clamped to [−1, 1]. Negatives with s_ij > λ_i are false negatives and leave i's contrastive denominator;
-positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest.
+positives never do. Cost per call is O(B·M), state is O(n). DESIGN.md §1 has the rest. `update` and `keep_mask` take
+any negative mask; the trainer calls `update_and_mask`, the same two steps in one call for its negatives (every column
+but the row's positive), bit for bit equal and cheaper (no [B, M] negative mask to build, count or apply).
 
 Starting point (``init``): ``"one"`` is the paper's λ = 1 (nothing filtered until λ has walked down, one Adam step
 per visit). ``"quantile"`` warm-starts: the first time a sample is updated its λ is set to its row's mini-batch
@@ -27,6 +29,7 @@ every sample is seen exactly once per epoch. Pure tensor code: no I/O, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -56,6 +59,29 @@ def count_above(sim: Tensor, lam_rows: Tensor, neg_mask: Tensor | None) -> tuple
     if neg_mask is None:
         return row_count(above), torch.full_like(lam_rows, sim.shape[1], dtype=torch.float32)
     return row_count(above.logical_and_(neg_mask)), row_count(neg_mask)
+
+
+def count_above_except(sim: Tensor, lam_rows: Tensor, positive: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`count_above` for the trainer's negatives: every column of row i except `positive[i]` (None: every column).
+
+    The negatives are then M − 1 per row, known without counting, and the positive's own comparison is subtracted
+    from the row count instead of masking the [B, M] comparison; the same float32 integers as `count_above` with
+    neg_mask = all but (i, positive[i]).
+    """
+    above = sim > lam_rows[:, None]                                             # [B, M] bool
+    count = row_count(above)                                                    # [B]
+    if positive is None:
+        return count, torch.full_like(count, sim.shape[1])
+    count -= above.gather(1, positive[:, None]).squeeze(1).float()             # [B] the positive is not a negative
+    return count, torch.full_like(count, sim.shape[1] - 1)
+
+
+def negatives_except(positive: Tensor | None, shape: tuple[int, int]) -> Tensor | None:
+    """[B, M] bool negative mask, True everywhere but (i, positive[i]); None when `positive` is None (all negatives)."""
+    if positive is None:
+        return None
+    neg = torch.ones(shape, dtype=torch.bool, device=positive.device)
+    return neg.scatter_(1, positive[:, None], False)
 
 
 def quantile_grad(sim: Tensor, lam_rows: Tensor, neg_mask: Tensor | None, alpha: float) -> Tensor:
@@ -112,6 +138,11 @@ def group_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
     slot = torch.empty_like(ids).scatter_(0, order, starts.cumsum(0) - 1)       # [B] index into unique ids
     slot_ids = torch.zeros_like(ids).scatter_(0, slot, ids)                      # equal values per slot: no race
     return slot, slot_ids
+
+
+def _is_index_vector(x: Tensor) -> bool:
+    """A 1-D integer tensor (not bool, float or complex)."""
+    return x.dim() == 1 and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
 class GloFND:
@@ -176,11 +207,66 @@ class GloFND:
         the step); only updated_rows (0) when nothing learns (mode other than glofnd, or epoch < start_epoch).
         """
         sim, ids, neg_mask = self._check(sim, ids, neg_mask)
-        if self.mode != "glofnd" or epoch < self.start_epoch or sim.numel() == 0:
+        if not self._learns(sim, epoch):
             return {"updated_rows": 0.0}
-        dev = self.lam.device
+        above, negatives = count_above(sim, self.lam[ids].to(sim.device), neg_mask)          # [B], [B]
+        _, stats = self._step(sim, ids, epoch, above, negatives,
+                              lambda rows: None if neg_mask is None else neg_mask[rows])
+        return dict(zip(("updated_rows", "lam_mean", "grad_mean", "above_frac"), stats.tolist()))
+
+    @torch.no_grad()
+    def update_and_mask(
+            self, sim: Tensor, ids: Tensor, epoch: int, positive: Tensor | None = None, labels: Tensor | None = None,
+            candidate_labels: Tensor | None = None, learn_epoch: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`update` then `keep_mask` in one call, for the trainer: the negatives of row i are every column but
+        `positive[i]` ([B] int, the column of i's positive; None: every column is a negative). λ learns as
+        `update(..., learn_epoch)` would (default `epoch`: the state warm-up passes a later one so that λ learns
+        before start_epoch); the mask is that of `epoch`.
+
+        Returns (keep [B, M] bool on sim's device, λ rows of `ids` after the update [B]), bit for bit what
+        update(sim, ids, epoch, neg) followed by keep_mask(sim, ids, epoch, neg, labels, candidate_labels) give with
+        neg = all but (i, positive[i]), and the same state. Cheaper: one validation (one host sync, no statistics),
+        the negatives counted as M − 1 instead of summing a [B, M] mask, the positive's column patched on [B]
+        entries instead of an and with a [B, M] mask, and the mask compared as `sim <= λ` in one op. Two [B, M]
+        comparisons remain: the gradient needs λ before the step and the mask uses λ after it (the authors' order).
+        """
+        sim, ids, positive = self._check_positive(sim, ids, positive)
+        labels, candidate_labels = self._check_labels(sim, labels, candidate_labels)
+        lam_rows = self.lam[ids].to(sim.device)                                   # [B] λ before the step
+        learn_epoch = epoch if learn_epoch is None else learn_epoch
+        if self._learns(sim, learn_epoch):
+            above, negatives = count_above_except(sim, lam_rows, positive)        # [B], [B]
+            new_rows, _ = self._step(sim, ids, learn_epoch, above, negatives,
+                                     lambda rows: None if positive is None else negatives_except(
+                                         positive[rows], (len(rows), sim.shape[1])))
+            lam_rows = new_rows.to(sim.device)                                    # [B] λ after the step
+        if self.mode == "none" or epoch < self.mask_start_epoch or sim.numel() == 0:
+            return torch.ones(sim.shape, dtype=torch.bool, device=sim.device), lam_rows
+        if self.mode == "glofnd":
+            keep = sim <= lam_rows.nan_to_num(nan=math.inf)[:, None]              # [B, M]; NaN λ keeps all
+            if positive is not None:
+                keep.scatter_(1, positive[:, None], True)                         # the positive always stays
+            return keep, lam_rows
+        neg = negatives_except(positive, tuple(sim.shape))                        # [B, M] baselines: build it
+        if self.mode == "fnd":
+            return keep_mask_from_threshold(sim, minibatch_quantile(sim, neg, self.alpha), neg), lam_rows
+        return oracle_keep_mask(labels, candidate_labels, neg), lam_rows
+
+    def _learns(self, sim: Tensor, epoch: int) -> bool:
+        """Whether `update` changes λ at `epoch` (mode glofnd, from start_epoch on, a non-empty batch)."""
+        return self.mode == "glofnd" and epoch >= self.start_epoch and sim.numel() > 0
+
+    def _step(
+            self, sim: Tensor, ids: Tensor, epoch: int, above: Tensor, negatives: Tensor,
+            neg_rows: Callable[[Tensor], Tensor | None],
+    ) -> tuple[Tensor, Tensor]:
+        """The Adam step (or first-visit quantile) of the ids from per-row counts of negatives above λ and of
+        negatives; writes the state. Returns λ per row after the step [B] (state device) and the statistics
+        [updated_rows, lam_mean, grad_mean, above_frac] as one tensor. `neg_rows(rows)` is the negative mask of those
+        rows of sim (for the first-visit quantile)."""
+        above, negatives = above.to(self.lam.device), negatives.to(self.lam.device)
         slot, slot_ids = group_rows(ids)                                          # [B], [B]
-        above, negatives = (x.to(dev) for x in count_above(sim, self.lam[ids].to(sim.device), neg_mask))  # [B], [B]
         has_neg = (negatives > 0).float()                                         # [B]
         grad = has_neg * (self.alpha - above / negatives.clamp_min(1))            # [B] g_i per row
         count = torch.zeros_like(has_neg).index_add_(0, slot, has_neg)            # [B] rows with negatives per slot
@@ -192,7 +278,7 @@ class GloFND:
         new = list(adam_step(lam, m, v, grad, t, lr=self.lr, betas=self.betas, eps=self.eps))
         if warm:                                                                  # first visit: λ = batch quantile
             first = active & (steps == 0)                                         # [B] slots seen for the first time
-            new = [self._first_visit_lam(sim, neg_mask, slot, has_neg, first, new[0]),
+            new = [self._first_visit_lam(sim, neg_rows, slot, has_neg, first, new[0]),
                    torch.where(first, m, new[1]), torch.where(first, v, new[2])]  # no Adam step on that visit
         new = [torch.where(active, a, b) for a, b in zip(new, (lam, m, v))] + [steps + active.int()]
         for key, value in zip(STATE_KEYS, new):
@@ -201,18 +287,18 @@ class GloFND:
         stats = torch.stack([
             n_active, (new[0] * active).sum() / n_active.clamp_min(1), (grad * active).sum() / n_active.clamp_min(1),
             above.sum() / negatives.sum().clamp_min(1),
-        ]).tolist()
-        return dict(zip(("updated_rows", "lam_mean", "grad_mean", "above_frac"), stats))
+        ])
+        return new[0][slot], stats
 
-    def _first_visit_lam(self, sim: Tensor, neg_mask: Tensor | None, slot: Tensor, has_neg: Tensor, first: Tensor,
-                         lam_slots: Tensor) -> Tensor:
+    def _first_visit_lam(self, sim: Tensor, neg_rows: Callable[[Tensor], Tensor | None], slot: Tensor,
+                         has_neg: Tensor, first: Tensor, lam_slots: Tensor) -> Tensor:
         """λ per slot [B] with first-visited slots set to their rows' mean mini-batch (1 − α) quantile over negatives;
         the quantile is computed only for those rows (one host sync to find them)."""
         rows = (first[slot] & (has_neg > 0)).nonzero().squeeze(1)                  # [r] rows of first-visited ids
         if len(rows) == 0:
             return lam_slots
         at = rows.to(sim.device)
-        q = minibatch_quantile(sim[at], None if neg_mask is None else neg_mask[at], self.alpha)   # [r]
+        q = minibatch_quantile(sim[at], neg_rows(at), self.alpha)                 # [r]
         q = q.to(lam_slots.device, lam_slots.dtype)
         total = torch.zeros_like(lam_slots).index_add_(0, slot[rows], q)          # [B] per slot
         count = torch.zeros_like(lam_slots).index_add_(0, slot[rows], torch.ones_like(q))
@@ -276,18 +362,17 @@ class GloFND:
             state = getattr(self, key)
             state[ids] = rows[key].to(state.device, state.dtype)[first]
 
-    def _check_ids(self, ids: Tensor, batch: int | None = None, extra: Tensor | None = None) -> tuple[Tensor, float]:
-        """ids as int64 on the state device, plus `extra` (a scalar) fetched in the same host sync; ValueError for a
+    def _check_ids(self, ids: Tensor, batch: int | None = None, extra: tuple[Tensor, ...] = ()
+                   ) -> tuple[Tensor, list[float]]:
+        """ids as int64 on the state device, plus the `extra` scalars fetched in the same host sync; ValueError for a
         wrong shape/dtype or ids outside [0, num_samples)."""
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool \
-                or (batch is not None and len(ids) != batch):
+        if not _is_index_vector(ids) or (batch is not None and len(ids) != batch):
             want = f"[{batch}] (one per row of sim)" if batch is not None else "[B]"
             raise ValueError(
                 f"GloFND: ids must be an integer tensor of shape {want}, got {tuple(ids.shape)} {ids.dtype}")
         ids = ids.to(self.lam.device, torch.long)
         bad = ((ids < 0) | (ids >= self.num_samples)).sum().float()
-        extra = torch.zeros((), device=ids.device) if extra is None else extra.to(ids.device, torch.float32)
-        n_bad, extra = torch.stack([bad, extra]).tolist()
+        n_bad, *extra = torch.stack([bad, *(x.to(ids.device, torch.float32) for x in extra)]).tolist()
         if n_bad:
             raise ValueError(
                 f"GloFND: {int(n_bad)} of {len(ids)} ids outside [0, {self.num_samples}) (min {int(ids.min())}, "
@@ -296,20 +381,47 @@ class GloFND:
 
     def _check(self, sim: Tensor, ids: Tensor, neg_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Validate shapes, ids and finiteness with one host sync; returns (sim compared in float32, ids, neg_mask)."""
-        if sim.dim() != 2 or not sim.is_floating_point():
-            raise ValueError(f"GloFND: sim must be a 2-D float tensor [B, M], got {tuple(sim.shape)} {sim.dtype}")
+        self._check_sim_shape(sim)
         if neg_mask is not None and (tuple(neg_mask.shape) != tuple(sim.shape) or neg_mask.dtype != torch.bool):
             raise ValueError(
                 f"GloFND: neg_mask must be a bool tensor shaped like sim {tuple(sim.shape)}, "
                 f"got {tuple(neg_mask.shape)} {neg_mask.dtype}")
+        sim, ids, _ = self._check_values(sim, ids)
+        return sim, ids, neg_mask
+
+    def _check_positive(self, sim: Tensor, ids: Tensor, positive: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`_check` for `update_and_mask`: positive [B] integer columns in [0, M) (or None) instead of a neg_mask."""
+        self._check_sim_shape(sim)
+        if positive is None:
+            sim, ids, _ = self._check_values(sim, ids)
+            return sim, ids, None
+        if not _is_index_vector(positive) or len(positive) != sim.shape[0]:
+            raise ValueError(f"GloFND: positive must be an integer tensor of shape [{sim.shape[0]}] (the column of "
+                             f"each row's positive), got {tuple(positive.shape)} {positive.dtype}")
+        positive = positive.to(sim.device, torch.long)
+        sim, ids, n_bad = self._check_values(sim, ids, ((positive < 0) | (positive >= sim.shape[1])).sum())
+        if n_bad:
+            raise ValueError(f"GloFND: {int(n_bad)} of {len(positive)} positive columns outside [0, {sim.shape[1]})")
+        return sim, ids, positive
+
+    @staticmethod
+    def _check_sim_shape(sim: Tensor) -> None:
+        if sim.dim() != 2 or not sim.is_floating_point():
+            raise ValueError(f"GloFND: sim must be a 2-D float tensor [B, M], got {tuple(sim.shape)} {sim.dtype}")
+
+    def _check_values(self, sim: Tensor, ids: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+        """ids range, sim finiteness and `extra` (a scalar, returned) in one host sync; sim promoted to float32 if it
+        is not a float16/bfloat16/float32 tensor."""
         if sim.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             sim = sim.float()                                                     # half types promote exactly
-        ids, total = self._check_ids(ids, batch=sim.shape[0], extra=sim.sum(dtype=torch.float32))
-        if not math.isfinite(total):                                              # a finite sum ⇒ all entries finite
+        extras = (sim.sum(dtype=torch.float32),) + (() if extra is None else (extra,))
+        ids, values = self._check_ids(ids, batch=sim.shape[0], extra=extras)
+        if not math.isfinite(values[0]):                                          # a finite sum ⇒ all entries finite
             n_bad = int((~torch.isfinite(sim)).sum())
             if n_bad:
                 raise ValueError(f"GloFND: sim has {n_bad} of {sim.numel()} entries not finite (NaN or inf)")
-        return sim, ids, neg_mask
+        return sim, ids, values[1] if extra is not None else 0.0
 
     def _check_labels(
             self, sim: Tensor, labels: Tensor | None, candidate_labels: Tensor | None,

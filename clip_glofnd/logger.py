@@ -1,8 +1,8 @@
 """What a run shows: tqdm progress with samples/s, metrics.jsonl (one JSON object per line), optional TensorBoard
 scalars, and a PNG of the λ distributions at each epoch end. Everything here is a no-op on ranks other than 0.
 
-metrics.jsonl is appended to (a resumed run continues it); a step logged after the last checkpoint of a crashed run
-appears again when the resumed run redoes it, so readers should keep the last line per step.
+metrics.jsonl is appended to (a resumed run continues it, after cutting it back to the checkpoint's step, so every step
+appears once); TensorBoard hides the events after that step the same way (SummaryWriter's purge_step).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def _plain(value: Any) -> Any:
 class RunLogger:
     """Rank-0 metrics sink: <run_dir>/metrics.jsonl and, with `tensorboard`, <run_dir>/tensorboard/."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+                 purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
@@ -46,7 +47,7 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold "step"); numbers also go to TensorBoard under their key."""

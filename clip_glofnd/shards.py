@@ -5,7 +5,8 @@ Three commands live here, each `main(argv) -> int` parses its flags before impor
 - `clip-glofnd make-digits OUT_DIR`: scikit-learn's 1,797 handwritten digits as training shards with captions,
   plus a held-out split in CLIP_benchmark's local `wds/` layout (zero-shot classification and retrieval);
 - `clip-glofnd make-shards IMAGES_DIR CAPTIONS OUT_DIR`: a folder of images + a CSV/TSV (path, caption) as shards;
-- `clip-glofnd check-shards PATTERN`: count, id range, holes, duplicates and per-shard counts of a shard pattern.
+- `clip-glofnd check-shards PATTERN [--deep]`: count, id range, holes, duplicates and per-shard counts of a shard
+  pattern; `--deep` also decodes every image and caption as training does.
 
 Shards follow img2dataset's layout: per sample `KEY.{png|jpg}`, `KEY.txt` (caption), `KEY.json` with the integer
 `key` (the global id), optional `KEY.cls`. A `sizes.json` beside the shards maps shard file name -> sample count
@@ -29,6 +30,8 @@ from clip_glofnd.errors import UsageError
 logger = logging.getLogger(__name__)
 
 SIZES_JSON = "sizes.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ARCHIVE_EXTS = ("tar", "tgz", "tar.gz", "zip")      # a member with one of these: an archive of shards
 DIGITS_IMAGE_SIZE = 64
 DIGITS_TRAIN_SHARDS = 12
 DIGITS_HELDOUT = 297
@@ -77,6 +80,11 @@ def _sizes_path(url: str) -> Path | None:
     path = _local_path(url)
     candidate = Path(path).parent / SIZES_JSON if path else None
     return candidate.resolve() if candidate is not None and candidate.is_file() else None
+
+
+def missing_local_shards(shards: Sequence[Shard]) -> list[str]:
+    """URLs of local shards whose file does not exist (remote ones are not checked)."""
+    return [s.url for s in shards if (path := _local_path(s.url)) is not None and not Path(path).exists()]
 
 
 def read_sizes(path: str | Path) -> dict:
@@ -156,27 +164,51 @@ def _open(url: str):
     return wds.gopen(url, "rb")
 
 
+def _not_a_tar(shard: Shard, error: Exception) -> BadSample:
+    """One line for a file that tarfile cannot open (tarfile's own message spans lines, one per compression)."""
+    path = _local_path(shard.url)
+    if path is not None:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        what = "an empty file" if not head else f"{Path(path).stat().st_size} bytes starting {head!r}"
+    else:
+        what = str(error).splitlines()[0]
+    return BadSample("unreadable_shard", shard.url, None, f"not a tar archive: {what}; shards must be WebDataset "
+                     f".tar files (or .tar.gz): re-download or rebuild it")
+
+
 def tar_members(shard: Shard, wanted: Collection[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) of each regular file of a shard in tar order; a broken tar raises BadSample.
 
     Only extensions in `wanted` (all if None) are read; the others come with b"" (local shards skip them by seeking).
+    A missing file or one that is not a tar is an `unreadable_shard`; a tar that breaks off is a `truncated_shard`;
+    a tar of tars (an archive of shards, e.g. a .tgz of the shard folder) is an `unreadable_shard`.
     """
     key = None
     try:
         stream = _open(shard.url)
     except Exception as error:
-        raise BadSample("unreadable_shard", shard.url, None, f"cannot open shard ({error})") from error
+        hint = "; check the shard pattern" if isinstance(error, FileNotFoundError) else ""
+        raise BadSample("unreadable_shard", shard.url, None, f"cannot open shard ({error}){hint}") from error
     try:
-        with tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*") as tar:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*")
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise _not_a_tar(shard, error) from error
+        with tar:
             for info in tar:
                 match = re.match(r"^((?:.*/|)[^./]+)[.]([^/]*)$", info.name)   # webdataset's base_plus_ext
                 if info.isreg() and match:
                     key, ext = match.group(1), match.group(2).lower()
+                    if ext in ARCHIVE_EXTS:
+                        raise BadSample("unreadable_shard", shard.url, None, f"holds the archive {info.name!r}, not "
+                                        f"samples: is it an archive of shards? Unpack it and name the .tar files "
+                                        f"inside in the pattern")
                     yield key, ext, tar.extractfile(info).read() if wanted is None or ext in wanted else b""
                 tar.members = []                                               # do not keep every header
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise BadSample("truncated_shard", shard.url, key, f"truncated or corrupt tar after this sample ({error}); "
-                        f"re-download the shard (or skip bad samples)") from error
+        raise BadSample("truncated_shard", shard.url, key, f"truncated or corrupt tar after this sample "
+                        f"({' '.join(str(error).split())}); re-download the shard (or skip bad samples)") from error
     finally:
         stream.close()
 
@@ -192,6 +224,56 @@ def iter_samples(shard: Shard, wanted: Collection[str] | None = None) -> Iterato
         sample[ext] = data
     if sample:
         yield sample
+
+
+def read_caption(sample: dict, caption_key: str, shard: Shard) -> str:
+    """Caption from the `txt` member (or another member), or from a json field with caption_key='json:FIELD'.
+
+    The bytes must be UTF-8 (as in json members): anything else is a `non_utf8_caption`, not a caption with U+FFFD.
+    """
+    key = sample["__key__"]
+    if caption_key.startswith("json:"):
+        field_name = caption_key[len("json:"):]
+        try:
+            value = json.loads(sample["json"]).get(field_name) if "json" in sample else None
+        except (ValueError, AttributeError):
+            value = None
+    else:
+        value = sample.get(caption_key)
+        try:
+            value = value.decode("utf-8") if isinstance(value, bytes) else None
+        except UnicodeDecodeError as error:
+            raise BadSample("non_utf8_caption", shard.url, key, f"{caption_key} member is not UTF-8 ({error}); "
+                            f"re-encode the captions as UTF-8 or pass --skip-bad-samples") from error
+    if not isinstance(value, str) or not value.strip():
+        raise BadSample("missing_caption", shard.url, key, f"no caption under {caption_key!r} (or it is empty); set "
+                        f"caption_key (e.g. 'txt' or 'json:caption') or pass --skip-bad-samples")
+    return value.strip()
+
+
+def read_label(sample: dict, shard: Shard) -> int:
+    """The sample's integer class from its `cls` member, -1 without one."""
+    if "cls" not in sample:
+        return -1
+    try:
+        return int(sample["cls"].decode().strip())
+    except ValueError as error:                                       # UnicodeDecodeError is a ValueError too
+        raise BadSample("bad_label", shard.url, sample["__key__"], f"cls {sample['cls'][:20]!r} is not an "
+                        f"integer") from error
+
+
+def decode_image(sample: dict, shard: Shard):
+    """The sample's image as an RGB PIL image (first of jpg, jpeg, png, webp), fully decoded."""
+    from PIL import Image
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("missing_image", shard.url, sample["__key__"], f"no image member ({'|'.join(IMAGE_EXTS)}); "
+                        f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            return image.convert("RGB")
+    except Exception as error:
+        raise BadSample("unreadable_image", shard.url, sample["__key__"], f"cannot decode {ext} ({error})") from error
 
 
 def parse_id(sample: dict, shard: Shard) -> int:
@@ -491,12 +573,16 @@ def make_shards_main(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # check-shards
 
+EXAMPLES_PER_KIND = 3
+
+
 @dataclass
 class ShardReport:
     """What check_shards found: counts, id range, holes, duplicates, per-shard counts, problems."""
 
     pattern: str
     num_samples: int | None                       # declared id-space size (given or sizes.json), if any
+    deep: bool = False                            # images and captions decoded too
     samples: int = 0
     min_id: int | None = None
     max_id: int | None = None
@@ -506,13 +592,18 @@ class ShardReport:
     duplicate_examples: list[int] = field(default_factory=list)
     per_shard: dict[str, int] = field(default_factory=dict)
     count_mismatch: dict[str, list[int | None]] = field(default_factory=dict)   # url -> [found, sizes.json]
-    problems: dict[str, int] = field(default_factory=dict)                      # kind -> count (bad keys, tars)
-    problem_examples: list[str] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)      # kind -> samples (shard kinds: shards) with it
+    problem_examples: list[str] = field(default_factory=list)   # the first few of each kind, naming shard and key
+
+    @property
+    def short_shards(self) -> list[str]:
+        """Shards with fewer samples than sizes.json lists (training calls them truncated)."""
+        return [url for url, (found, listed) in self.count_mismatch.items() if listed is not None and found < listed]
 
     @property
     def ok(self) -> bool:
-        """No holes, duplicates or problems."""
-        return not (self.holes or self.duplicates or self.problems)
+        """No holes, duplicates, problems, or shards shorter than their sizes.json count."""
+        return not (self.holes or self.duplicates or self.problems or self.short_shards)
 
     def format(self) -> str:
         """Human-readable report."""
@@ -525,7 +616,11 @@ class ShardReport:
             lines.append(f"per shard: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
         lines += [f"count differs from {SIZES_JSON}: {url}: found {a}, listed {b}"
                   for url, (a, b) in list(self.count_mismatch.items())[:10]]
-        lines += [f"problems: {self.problems}"] + self.problem_examples if self.problems else []
+        empty = [url for url, n in self.per_shard.items() if n == 0]
+        lines += [f"shards without samples: {len(empty)} {empty[:5]}"] if empty else []
+        checked = "ids, images and captions" if self.deep else "ids only (--deep also decodes images and captions)"
+        lines.append(f"checked: {checked}")
+        lines += [f"problems: {self.problems}"] + [f"  {e}" for e in self.problem_examples] if self.problems else []
         lines.append("OK" if self.ok else "NOT OK")
         return "\n".join(lines)
 
@@ -539,35 +634,90 @@ def _hole_ranges(present, size: int, limit: int = 5) -> tuple[int, list[list[int
     return int(size - len(inside)), [[int(bounds[g] + 1), int(bounds[g + 1] - 1)] for g in gaps]
 
 
-def check_shards(pattern: str, num_samples: int | None = None) -> ShardReport:
-    """Read every sample's id in `pattern` (json `key`, else `__key__`) and report count, range, holes, duplicates."""
+@dataclass
+class _ShardCheck:
+    """check_shards' findings in one shard (computed in a worker process with --workers)."""
+
+    url: str
+    found: int = 0
+    ids: list[int] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, bad: BadSample) -> None:
+        self.problems[bad.kind] = self.problems.get(bad.kind, 0) + 1
+        examples = self.examples.setdefault(bad.kind, [])
+        if len(examples) < EXAMPLES_PER_KIND:
+            examples.append(str(bad))
+
+
+def _check_shard(shard: Shard, deep: bool = False, caption_key: str = "txt") -> _ShardCheck:
+    """Ids of one shard; with `deep` also decode every caption, cls label and image as training does."""
+    caption_ext = () if caption_key.startswith("json:") else (caption_key,)
+    wanted = (*IMAGE_EXTS, "json", "cls", *caption_ext) if deep else ("json",)
+    check = _ShardCheck(shard.url)
+    try:
+        for sample in iter_samples(shard, wanted=wanted):
+            check.found += 1
+            reads = [lambda: check.ids.append(parse_id(sample, shard))]
+            if deep:
+                reads += [lambda: read_caption(sample, caption_key, shard), lambda: read_label(sample, shard),
+                          lambda: decode_image(sample, shard)]
+            for read in reads:
+                try:
+                    read()
+                except BadSample as bad:
+                    check.add(bad)
+    except BadSample as bad:
+        check.add(bad)
+    return check
+
+
+def _shard_checks(shards: list[Shard], deep: bool, caption_key: str, workers: int) -> Iterator[_ShardCheck]:
+    """_check_shard over all shards in order, in `workers` processes (in this one for workers <= 1)."""
+    import functools
+    run = functools.partial(_check_shard, deep=deep, caption_key=caption_key)
+    if workers <= 1:
+        yield from map(run, shards)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(run, shards)
+
+
+def check_shards(pattern: str, num_samples: int | None = None, deep: bool = False, caption_key: str = "txt",
+                 workers: int = 1) -> ShardReport:
+    """Read every sample's id in `pattern` (json `key`, else `__key__`) and report count, range, holes, duplicates.
+
+    With `deep`, also decode every image (PIL, as training does) and caption (UTF-8, non-empty, under
+    `caption_key`: a member extension or "json:FIELD") and cls label, and report bad ones by kind, shard and key.
+    """
     import numpy as np
     from tqdm import tqdm
     try:
         shards, declared = resolve_shards(pattern, num_samples)
     except UsageError:
         shards, declared = [Shard(u, 0, 2**62, None) for urls in expand_sources(pattern) for u in urls], None
-    report, ids = ShardReport(pattern, declared), []
-    problems: dict[str, int] = {}
-    for shard in tqdm(shards, desc="check-shards", unit="shard", mininterval=2):
-        found = 0
-        try:
-            for sample in iter_samples(shard, wanted=("json",)):
-                found += 1
-                try:
-                    ids.append(parse_id(sample, shard))
-                except BadSample as bad:
-                    problems[bad.kind] = problems.get(bad.kind, 0) + 1
-                    report.problem_examples += [str(bad)][:10 - len(report.problem_examples)]
-        except BadSample as bad:
-            problems[bad.kind] = problems.get(bad.kind, 0) + 1
-            report.problem_examples += [str(bad)][:10 - len(report.problem_examples)]
-        report.per_shard[shard.url] = found
-        if shard.count is not None and shard.count != found:
-            report.count_mismatch[shard.url] = [found, shard.count]
-    report.problems = problems
-    all_ids = np.asarray(ids, dtype=np.int64)
-    report.samples = int(len(all_ids))
+    report, ids = ShardReport(pattern, declared, deep=deep), []
+    counts = [s.count for s in shards]
+    bar = tqdm(total=sum(counts) if deep and None not in counts else None if deep else len(shards),
+               desc="check-shards" + (" --deep" if deep else ""), unit="sample" if deep else "shard", mininterval=2)
+    examples: dict[str, list[str]] = {}
+    for shard, check in zip(shards, _shard_checks(shards, deep, caption_key, workers)):
+        ids.append(np.asarray(check.ids, dtype=np.int64))
+        for kind, n in check.problems.items():
+            report.problems[kind] = report.problems.get(kind, 0) + n
+            examples.setdefault(kind, [])
+            examples[kind] += check.examples[kind][:EXAMPLES_PER_KIND - len(examples[kind])]
+        report.per_shard[shard.url] = check.found
+        if shard.count is not None and shard.count != check.found:
+            report.count_mismatch[shard.url] = [check.found, shard.count]
+        bar.update(check.found if deep else 1)
+        bar.set_postfix(problems=sum(report.problems.values()), refresh=False)
+    bar.close()
+    report.problem_examples = [e for kind in examples for e in examples[kind]]
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    report.samples = int(sum(report.per_shard.values()))
     if len(all_ids):
         unique, counts = np.unique(all_ids, return_counts=True)
         report.min_id, report.max_id = int(unique[0]), int(unique[-1])
@@ -588,9 +738,10 @@ def write_sizes_from_report(report: ShardReport, num_samples: int | None) -> Pat
 
 
 def check_shards_main(argv: Sequence[str]) -> int:
-    """`clip-glofnd check-shards PATTERN [--num-samples N] [--allow-holes] [--write-sizes] [--json]`."""
+    """`clip-glofnd check-shards PATTERN [--num-samples N] [--allow-holes] [--write-sizes] [--deep] [--json]`."""
     parser = argparse.ArgumentParser(prog="clip-glofnd check-shards", description=check_shards.__doc__ + " Exit "
-                                     "status 1 on holes, duplicate ids, unreadable keys or shards.")
+                                     "status 1 on holes, duplicate ids, unreadable keys, shards, images or "
+                                     f"captions, or shards shorter than {SIZES_JSON} says.")
     parser.add_argument("pattern", help="brace pattern of shards, sources joined with ::")
     parser.add_argument("--num-samples", type=int, default=None, help="id-space size = max id + 1 (default: "
                         "sizes.json); CC3M 3318333, CC12M 12423374 (rows of the URL list)")
@@ -598,10 +749,18 @@ def check_shards_main(argv: Sequence[str]) -> int:
                         "have them: failed URLs keep their id); duplicates and unreadable keys still fail")
     parser.add_argument("--write-sizes", action="store_true", help="write sizes.json beside the shards from the "
                         "counts found (num_samples: --num-samples, else sizes.json's, else max id + 1)")
+    parser.add_argument("--deep", action="store_true", help="also decode every image (PIL) and caption (UTF-8, "
+                        "non-empty) and cls label, as training does; reads all bytes, so much slower")
+    parser.add_argument("--caption-key", default="txt", help="with --deep: where captions are, as training's "
+                        "--caption-key: a member extension (txt) or json:FIELD")
+    parser.add_argument("--workers", type=int, default=1, help="processes reading shards in parallel")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     ns = parser.parse_args(argv)
-    report = check_shards(ns.pattern, ns.num_samples)
+    if ns.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {ns.workers}")
+    report = check_shards(ns.pattern, ns.num_samples, deep=ns.deep, caption_key=ns.caption_key, workers=ns.workers)
     print(json.dumps({**report.__dict__, "ok": report.ok}, indent=1) if ns.json else report.format())
     if ns.write_sizes:
         print(f"wrote {write_sizes_from_report(report, ns.num_samples)}")
-    return 0 if report.ok or (ns.allow_holes and not (report.duplicates or report.problems)) else 1
+    bad = report.duplicates or report.problems or (report.short_shards and not ns.write_sizes)
+    return 1 if bad or (report.holes and not ns.allow_holes) else 0

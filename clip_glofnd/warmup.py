@@ -13,7 +13,8 @@ recovers it with the model frozen before the first update. Here, N passes over t
   similarities training will compute;
 - per batch, exactly the state updates of a training step (`train.filter_negatives`, then the loss, which updates
   u): λ of image and text anchors learns whatever --fnd-start-epoch says (the warm-up is there to fill it), masks
-  and u's rate γ are those of the first training epoch; then `distributed.sync_rows`, as in `train_step`. (TuneCLIP
+  and u's rate γ are those of the first training epoch; the rows are fetched from and committed to the state store
+  (whatever --state-device / --state-sharding say), as in `train_step`. (TuneCLIP
   also recovers Adam's moments of the weights; that needs backward passes and is not done here.)
 - each pass is logged (metrics.jsonl records with "phase": "state_warmup", lambda_warmup.png) and checkpointed
   (epoch_latest.pt with epoch 0, step 0 and data.warmup_epochs = passes done); a resume continues an unfinished
@@ -58,17 +59,18 @@ def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     batch = batch.to(dist.device, non_blocking=True)
     b = len(batch)
     ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                           # [B]
+    state_ids = parts.store.fetch(batch.ids, ids_all)                   # [b] the anchors' rows in fnd_* and loss_fn
     labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
     with parts.autocast():
         img, txt, logit_scale = train._encode(parts.unwrapped, batch)                     # [b, d], [b, d], []
     img_all, txt_all = distributed.all_gather_no_grad([img, txt], dist)                   # [B, d]
     learn_epoch = max(epoch, cfg.fnd.start_epoch)                                          # λ learns during warm-up
     keep_i2t, keep_t2i, fnd_stats = train.filter_negatives(parts, img, txt, img_all, txt_all, batch, labels_all,
-                                                           epoch, learn_epoch=learn_epoch)
-    loss, loss_metrics = parts.loss_fn(img, txt, img_all, txt_all, ids=batch.ids, ids_all=ids_all, epoch=epoch,
+                                                           epoch, ids=state_ids, learn_epoch=learn_epoch)
+    loss, loss_metrics = parts.loss_fn(img, txt, img_all, txt_all, ids=state_ids, ids_all=ids_all, epoch=epoch,
                                        keep_i2t=keep_i2t, keep_t2i=keep_t2i, offset=dist.rank * b,
                                        logit_scale=logit_scale)                            # updates u (SogCLR/FastCLIP)
-    distributed.sync_rows([parts.fnd_img, parts.fnd_txt, parts.loss_fn], batch.ids, dist)
+    parts.store.commit()                                                 # rows back where they live; ranks agree
     values = torch.stack([loss.float(), *[v.float() for v in fnd_stats.values()]]).tolist()
     return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:]))}
 
@@ -89,16 +91,18 @@ def _pass(parts: Parts, loader: Any, state: Progress, log: RunLogger, warmup_epo
 
 
 def _pass_record(parts: Parts, state: Progress, warmup_epoch: int, steps: int, seconds: float) -> dict[str, Any]:
-    """The end-of-pass record: time, steps, λ quantiles over the samples seen so far, mean u of the samples set."""
+    """The end-of-pass record: time, steps, λ quantiles over the samples seen so far, mean u of the samples set
+    (of the rows this rank holds: all of them unless --state-sharding by-id)."""
+    store = parts.store
     record: dict[str, Any] = {"step": state.step, "phase": PHASE, "warmup_epoch": warmup_epoch,
                               "warmup_epochs_done": warmup_epoch + 1, "warmup_steps": steps, "warmup_time": seconds}
     if parts.cfg.fnd.variant == "glofnd":
-        for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-            seen = fnd.steps > 0                                                           # [n] updated at least once
-            record.update(lambda_quantiles(fnd.threshold, seen, f"lam_{name}_seen"))
+        for name in ("img", "txt"):
+            seen = store.table(f"fnd_{name}", "steps") > 0                               # [n] updated at least once
+            record.update(lambda_quantiles(store.table(f"fnd_{name}", "lam"), seen, f"lam_{name}_seen"))
             record[f"seen_{name}"] = int(seen.sum())
     for name in ("u_img", "u_txt"):
-        u = getattr(parts.loss_fn, name, None)
+        u = store.table("loss", name) if name in store.keys["loss"] else None
         if u is not None and bool((u > 0).any()):
             record[f"{name}_set_mean"] = float(u[u > 0].mean())
     return record
@@ -107,8 +111,9 @@ def _pass_record(parts: Parts, state: Progress, warmup_epoch: int, steps: int, s
 def _plot(parts: Parts, run_dir: Path, passes: int) -> None:
     """lambda_warmup.png: the λ distributions after the passes so far (GloFND only)."""
     if parts.cfg.fnd.variant == "glofnd":
-        plot_lambda(run_dir / "lambda_warmup.png", parts.fnd_img.threshold, parts.fnd_img.steps > 0,
-                    parts.fnd_txt.threshold, parts.fnd_txt.steps > 0,
+        lam = {name: parts.store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}
+        seen = {name: parts.store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}
+        plot_lambda(run_dir / "lambda_warmup.png", lam["img"], seen["img"], lam["txt"], seen["txt"],
                     title=f"{run_dir.name}: λ after {passes} state warm-up pass(es)")
 
 

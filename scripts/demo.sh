@@ -9,13 +9,16 @@
 # are the false negatives GloFND learns to drop.
 #
 # Usage: scripts/demo.sh [-h|--help] [EXTRA clip-glofnd train FLAGS ...]   (given to both runs, e.g. --seed 1)
-# Environment: OUT  folder for the data and the runs [demo]      ORACLE=1  also train with the label oracle (+50%)
-#              DRY_RUN=1  only parse and validate the training commands (what tests/test_cli.py does)
+# Environment: OUT  folder for the data and the runs, relative to where you run the script [demo]
+#              ORACLE=1  also train with the label oracle (+50% time)
+#              DRY_RUN=1  build the bed if missing, then only check the training commands (flags, model, paths;
+#                         what tests/test_cli.py does)
 # Writes OUT/digits_minilm/ (the bed, ~14 MB), OUT/logs/{none,glofnd}-<time>/ (metrics.jsonl, lambda_epoch_N.png)
 # and OUT/logs/demo-<time>.json (the table).
 # Measured: see README "Quick start" (the numbers and the command that produced them).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)    # the checkout; relative paths you pass stay relative to where you stand
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
@@ -33,6 +36,7 @@ declare -A FLAGS=([none]="--fnd none"
                   [glofnd]="--fnd glofnd --fnd-alpha 0.1 --fnd-lr 0.1 --fnd-init quantile --fnd-mask-start-epoch 1"
                   [oracle]="--fnd oracle --fnd-mask-start-epoch 1")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
+    [[ -f $BED/digits.json ]] || python -m clip_glofnd.cli make-digits-minilm "$BED"
     for f in "${FILTERS[@]}"; do
         # shellcheck disable=SC2086
         python -m clip_glofnd.cli "${COMMON[@]}" ${FLAGS[$f]} --name "$f-$STAMP" "$@" --dry-run
@@ -40,10 +44,10 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 began=$(date +%s)
-source scripts/setup_env.sh
+source "$ROOT/scripts/setup_env.sh"
 CORES=$(nproc)
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1          # one thread per run: the runs go side by side on the cores
-[[ -f $BED/recipe.yaml ]] || clip-glofnd make-digits-minilm "$BED"
+[[ -f $BED/digits.json ]] || clip-glofnd make-digits-minilm "$BED"
 mkdir -p "$OUT/logs"
 echo "== training clip-tiny (image tower) against frozen MiniLM: ${FILTERS[*]}, side by side ($CORES cores)"
 pids=()

@@ -18,10 +18,13 @@
 #   GPUS        torchrun processes [1]    BATCH  per-process batch [128]    EPOCHS [10]    LR [1e-5]
 #   STATE_WARMUP  forward-only passes that fill lambda / u before epoch 1 [2] (0: none, filtering from epoch 2)
 #   WORKERS     loader workers [4]        LOGS [./logs]                     NAME [finetune-$MODEL-glofnd]
-#   DRY_RUN=1   parse and validate the command here instead of running it (what tests/test_cli.py does)
+#   DRY_RUN=1   check the command here instead of running it: flags, model name, and that PRETRAINED, DATA and
+#               the other paths exist (what tests/test_cli.py does)
+# Relative paths resolve against the folder you run the script from (LOGS=./logs too), not the checkout.
 # Measured: not run on this project's machines (no OpenCLIP weights offline); `DRY_RUN=1` validates the flags.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)    # the checkout; relative paths you pass stay relative to where you stand
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
@@ -47,7 +50,7 @@ ARGS=(train --train-data "$DATA" --model "$MODEL" --pretrained "$PRETRAINED" --b
       --fnd-mask-start-epoch "$MASK_START" --state-warmup-epochs "$STATE_WARMUP"
       --workers "$WORKERS" --logs "$LOGS" --name "$NAME" --resume latest "$@")
 case $LAUNCH in
-    single)   RUN=(clip-glofnd) ;;
+    single)   RUN=(python -m clip_glofnd.cli) ;;
     torchrun) RUN=(torchrun --standalone --nproc_per_node="$GPUS" -m -- clip_glofnd.cli) ;;
     srun)     RUN=(srun --kill-on-bad-exit=1 python -m clip_glofnd.cli) ;;
     *) echo "$(basename "$0"): LAUNCH must be single, torchrun or srun, got '$LAUNCH'" >&2; exit 2 ;;

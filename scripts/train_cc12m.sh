@@ -16,11 +16,16 @@
 #   LAUNCH  torchrun | srun [torchrun]; srun runs one task per GPU inside the allocation
 #   GPUS    processes on this node with torchrun [8]; with srun the world size is SLURM_NTASKS
 #   WORKERS data loader workers per GPU [6]   LOGS [./logs]   NAME [cc12m-rn50-$LOSS-glofnd]
-#   DRY_RUN=1  parse and validate the command here instead of launching it (what tests/test_cli.py does)
-# The per-GPU batch is 1024 / world size; the run resumes itself (--resume latest) when started again.
+#   DRY_RUN=1  check the command here instead of launching it: flags, model name, and that the shards and other
+#              paths exist (what tests/test_cli.py does)
+# Relative paths resolve against the folder you run the script from (LOGS=./logs too), not the checkout.
+# The per-GPU batch is 1024 / world size; the run resumes itself (--resume latest) when started again, from its last
+# checkpoint: every epoch end and every 1,000 steps inside an epoch (--save-every-n-steps), so a preemption costs at
+# most 1,000 steps (restart with the same GPU count; with another, add --resume LOGS/NAME/checkpoints/epoch_N.pt).
 # Measured: not run on this project's machines (no multi-GPU node); `DRY_RUN=1` validates the flags here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)    # the checkout; relative paths you pass stay relative to where you stand
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
@@ -44,7 +49,8 @@ esac
 ARGS=(train --train-data "$DATA" --num-samples 12423374 --model RN50 --batch-size $((1024 / WORLD))
       --epochs 37 --lr 1e-3 --wd 0.1 --warmup 10000 --precision amp
       --loss-gamma-min 0.2 --loss-gamma-decay-epochs 18 "${LOSS_FLAGS[@]}" --fnd-init one
-      --workers "$WORKERS" --logs "$LOGS" --name "$NAME" --resume latest --save-frequency 1 "$@")
+      --workers "$WORKERS" --logs "$LOGS" --name "$NAME" --resume latest --save-frequency 1
+      --save-every-n-steps 1000 "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     exec python -m clip_glofnd.cli "${ARGS[@]}" --dry-run
 elif [[ $LAUNCH == srun ]]; then

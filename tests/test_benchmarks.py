@@ -45,6 +45,8 @@ def test_overhead_quick_times_and_ratios(overhead_result: dict) -> None:
         assert row["update_mask_pct"] == pytest.approx(100 * row["update_mask_s"] / row["step_plain_s"])
         assert row["diff_s"] == pytest.approx(row["step_glofnd_s"] - row["step_plain_s"])
         assert row["update_vs_read"] == pytest.approx(row["update_one_s"] / row["read_s"])
+        assert row["fused_vs_read"] == pytest.approx(row["fused_one_s"] / row["read_s"])
+        assert row["fused_pct"] == pytest.approx(100 * row["fused_s"] / row["step_plain_s"])
 
 
 def test_overhead_quick_num_samples_sweep_and_targets(overhead_result: dict) -> None:
@@ -53,8 +55,8 @@ def test_overhead_quick_num_samples_sweep_and_targets(overhead_result: dict) -> 
     assert sweep["points"][0]["state_bytes"] == 2 * GLOFND_ROW * 1000
     assert [s["num_samples"] for s in sweep["skipped"]] == [10_000]          # above --max-num-samples 5000
     assert "max-num-samples" in sweep["skipped"][0]["reason"]
-    assert targets["update_mask_pct_met"] == (targets["update_mask_pct_max"] < 1.0)
-    assert targets["update_vs_read_met"] == (targets["update_vs_read"] <= 2.0)
+    assert targets["fused_pct_met"] == (targets["fused_pct_max"] < 1.0)
+    assert targets["fused_vs_read_met"] == (targets["fused_vs_read"] <= 2.0)
     assert targets["read_at"] == [8, 32]                                     # the largest b·M
 
 
@@ -81,6 +83,17 @@ def test_memory_quick_matches_dtype_sizes(tmp_path: Path) -> None:
         assert row["row_bytes"] == INT64 + 2 * GLOFND_ROW + expected_loss[row["loss"]]
         assert row["send_bytes"] == row["batch"] * row["row_bytes"]
         assert row["recv_bytes_w2"] == 2 * row["send_bytes"]
+    rows = 2 * GLOFND_ROW + U_ROW                                             # 40 B per sample with SogCLR
+    placements = {(p["state_device"], p["state_sharding"]): p for p in r["placements"] if p["world_size"] == 2}
+    assert placements["train", "replicated"]["train_device_bytes_per_sample"] == rows
+    assert placements["cpu", "replicated"]["cpu_bytes_per_sample"] == rows
+    for device in ("train", "cpu"):                                            # by-id: 40·n/W + the working rows
+        where = "train_device" if device == "train" else "cpu"
+        assert placements[device, "by-id"][f"{where}_bytes_per_sample"] == rows / 2
+    working = placements["cpu", "by-id"]
+    assert working["train_device_constant_bytes"] == working["batch"] * rows and working["cpu_constant_bytes"] == 0
+    for row in r["exchange"]:                                                 # each rank: its b rows + those it owns
+        assert row["send_mean"] == row["recv_mean"] == 2 * row["batch"] * rows == row["formula_each_way"]
 
 
 def test_glofnd_init_global_errors_by_hand() -> None:
@@ -129,3 +142,19 @@ def test_readme_links_existing_results() -> None:
         args = shlex.split(result["command"])
         assert args[:3] == ["python", "-m", f"benchmarks.{result['benchmark']}"], name
         module.parse_args(args[3:])
+
+
+@pytest.mark.slow
+def test_reliability_quick(tmp_path: Path) -> None:
+    """benchmarks/reliability.py --quick: JSON with the command, machine and positive times (slow: builds the digits
+    and two models)."""
+    from benchmarks import reliability
+    out = tmp_path / "reliability.json"
+    assert reliability.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "reliability" and "--quick" in r["command"] and MACHINE_KEYS <= set(r["machine"])
+    assert [row["ids"] for row in r["seen_ids"]] == [64, 1024, 8192]
+    assert all(row["add_s"] > 0 and row["bitmap_bytes"] == (10_000 + 7) // 8 for row in r["seen_ids"])
+    assert 0 < r["guard"]["before_step_s"] + r["guard"]["finite_check_s"] < r["guard"]["step_s"]
+    assert r["state"]["position_bytes"] == 9 * ((10_000 + 7) // 8)
+    assert r["saves"]["save_mid_epoch_s"] > 0 and r["saves"]["first_batch_resumed_late_s"] > 0

@@ -65,6 +65,7 @@ def test_throughput_quick_structure_and_values(throughput_result: dict) -> None:
     settings = r["settings"]
     for run in r["runs"]:
         assert "--precision fp32" in run["command"] and f"--batch-size {settings['batch_size']}" in run["command"]
+        assert "--device cpu" in run["command"] and "--model clip-tiny" in run["command"]
         assert run["steps_logged"] == settings["train_num_samples"] // settings["batch_size"]   # 256 / 32 = 8
         assert run["steps_counted"] == run["steps_logged"] - settings["skip_steps"]
         assert run["samples_counted"] == run["steps_counted"] * settings["batch_size"]

@@ -30,7 +30,8 @@ def test_every_field_has_one_flag_with_help() -> None:
         for f in dataclasses.fields(cls):
             assert cls.flag(f) in flags and f.metadata["help"], (name, f.name)
     for flag in ("--train-data", "--batch-size", "--lr", "--wd", "--warmup", "--precision", "--resume", "--loss",
-                 "--fnd", "--fnd-alpha", "--fnd-mask-start-epoch", "--lr-tau", "--accum-freq", "--eval-every"):
+                 "--fnd", "--fnd-alpha", "--fnd-mask-start-epoch", "--lr-tau", "--accum-freq", "--eval-every",
+                 "--state-device", "--state-sharding"):
         assert flag in flags
 
 
@@ -47,10 +48,19 @@ def test_every_field_has_one_flag_with_help() -> None:
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "x"], "--batch-size"),
     (["--no-such-flag", "1"], "--no-such-flag"),
+    (["--state-device", "gpu"], "--state-device"),
+    (["--state-sharding", "by-rank"], "--state-sharding"),
 ])
 def test_bad_values_raise_naming_the_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(UsageError, match=flag):
         parse_config(DATA + argv)
+
+
+def test_state_placement_flags() -> None:
+    cfg = parse_config(DATA + ["--state-device", "cpu", "--state-sharding", "by-id"])[0]
+    assert (cfg.state.device, cfg.state.sharding) == ("cpu", "by-id")
+    assert (SECTIONS["state"]().device, SECTIONS["state"]().sharding) == ("train", "replicated")
+    assert to_flat(cfg)["state_sharding"] == "by-id" and from_flat(to_flat(cfg)) == cfg
 
 
 def test_train_data_is_required() -> None:
@@ -117,7 +127,16 @@ def test_bad_config_file(content: dict, message: str, tmp_path: Path) -> None:
         parse_config(["--config", str(path)])
 
 
-def test_dry_run_prints_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
-    assert train_main(DATA + ["--fnd", "glofnd", "--dry-run"]) == 0
+def test_dry_run_prints_the_resolved_config(digits_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pattern = str(digits_dir / "train" / "{00000..00011}.tar")
+    assert train_main(["--train-data", pattern, "--fnd", "glofnd", "--logs", str(tmp_path), "--name", "r",
+                       "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert 'fnd: "glofnd"' in out and 'train_data: "/data/{0..9}.tar"' in out
+    assert 'fnd: "glofnd"' in out and f'train_data: "{pattern}"' in out and f"# run folder: {tmp_path}/r" in out
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--fnd-lr", "--fnd-alpha", "--wd", "--loss-rho", "--grad-clip-norm"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_refused(flag: str, value: str) -> None:
+    with pytest.raises(UsageError, match=f"{flag} must be a finite number, got {value}"):
+        parse_config(DATA + [f"{flag}={value}"])

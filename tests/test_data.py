@@ -286,6 +286,8 @@ def corrupt(tmp_path: Path, kind: str) -> tuple[str, str, str]:
         del bad["png"]
     elif kind == "missing_caption":
         del bad["txt"]
+    elif kind == "non_utf8_caption":
+        bad["txt"] = "café".encode("latin-1")                               # b"caf\xe9": not UTF-8
     elif kind == "bad_key":
         bad["json"] = json.dumps({"key": "five"})
     elif kind == "id_out_of_range":
@@ -295,11 +297,12 @@ def corrupt(tmp_path: Path, kind: str) -> tuple[str, str, str]:
     elif kind == "bad_label":
         bad["cls"] = "seven"
     write_tar(tmp_path / "00001.tar", good)
-    return pattern, r"00001\.tar: sample '000000005'", kind
+    detail = {"non_utf8_caption": ": txt member is not UTF-8"}.get(kind, "")
+    return pattern, r"00001\.tar: sample '000000005'" + detail, kind
 
 
-BAD_KINDS = ["unreadable_image", "missing_image", "missing_caption", "bad_key", "id_out_of_range", "bad_json",
-             "bad_label", "truncated_shard"]
+BAD_KINDS = ["unreadable_image", "missing_image", "missing_caption", "non_utf8_caption", "bad_key",
+             "id_out_of_range", "bad_json", "bad_label", "truncated_shard"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -314,10 +317,10 @@ def test_bad_sample_is_skipped_and_counted(tmp_path, kind):
     pattern, _, skip_kind = corrupt(tmp_path, kind)
     run = loader(pattern, skip_bad_samples=True)
     seen = ids_of(list(run))
-    assert run.skipped == Counter({skip_kind: 1})
     lost = [5, 6, 7] if kind == "truncated_shard" else [5]                  # a truncated shard loses its tail
+    assert run.skipped == Counter({skip_kind: len(lost)})                   # counted as the samples lost, not 1
     assert sorted(seen) == [g for g in range(8) if g not in lost]
-    assert run.stats["unvisited"] == (3 if kind == "truncated_shard" else 0)     # what a truncated tail loses
+    assert run.stats["unvisited"] == 0                                      # every sample yielded or skipped
 
 
 def test_shard_shorter_than_sizes_json_is_truncated(tmp_path):
@@ -335,7 +338,138 @@ def test_missing_shard(tmp_path):
     with pytest.raises(UsageError, match=r"00001\.tar: cannot open shard"):
         list(loader(pattern))
     run = loader(pattern, skip_bad_samples=True)
-    assert sorted(ids_of(list(run))) == [0, 1, 2, 3] and run.skipped == Counter({"unreadable_shard": 1})
+    assert sorted(ids_of(list(run))) == [0, 1, 2, 3] and run.skipped == Counter({"unreadable_shard": 4})
+
+
+def test_caption_bytes_are_never_replaced(tmp_path):
+    """The same non-UTF-8 bytes that fail in json fail in txt: no caption with U+FFFD reaches the tokenizer."""
+    write_tar(tmp_path / "00000.tar", [{**sample(0), "txt": b"sample \xff0"}, sample(1)])
+    with pytest.raises(UsageError, match=r"00000\.tar: sample '000000000': txt member is not UTF-8"):
+        list(loader(str(tmp_path / "00000.tar"), num_samples=2, workers=0))
+    write_tar(tmp_path / "00000.tar", [{**sample(0), "json": b'{"key": 0, "caption": "\xff"}'}, sample(1)])
+    with pytest.raises(UsageError, match=r"00000\.tar: sample '000000000': unreadable json"):
+        list(loader(str(tmp_path / "00000.tar"), num_samples=2, workers=0, caption_key="json:caption"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# no readable shard at all: one line naming the shards and what was skipped (never a traceback)
+
+def unreadable_source(root: Path, fault: str) -> str:
+    """Two shards that give no sample because of `fault`; returns their pattern."""
+    root.mkdir(parents=True, exist_ok=True)
+    if fault == "typo":
+        return f"{root}/typo/{{00000..00001}}.tar"
+    if fault == "tgz":                                          # an archive of a shard folder instead of the shards
+        make_source(root / "shards", [3])
+        for name in ("a.tgz", "b.tgz"):
+            with tarfile.open(root / name, "w:gz") as tgz:
+                tgz.add(root / "shards", arcname="shards")
+        return f"{root}/{{a,b}}.tgz"
+    if fault == "garbage":
+        (root / "00000.tar").write_bytes(b"<html>404 Not Found</html>" * 40)
+        (root / "00001.tar").write_bytes(b"")
+    else:                                                       # "empty": valid tars without members
+        write_tar(root / "00000.tar", [])
+        write_tar(root / "00001.tar", [])
+    return f"{root}/{{00000..00001}}.tar"
+
+
+NO_SAMPLE = {  # fault -> (strict error, what the skip error says)
+    "typo": (r"typo/0000[01]\.tar: cannot open shard \(.*No such file.*\); check the shard pattern",
+             r"not found \(first: \S+/typo/0000[01]\.tar; a typo in the pattern\?\); skipped: \{'unreadable_shard': "),
+    "tgz": (r"[ab]\.tgz: holds the archive 'shards/00000\.tar', not samples: is it an archive of shards\?",
+            r"skipped: \{'unreadable_shard': \d\}.*; first: \S+[ab]\.tgz: holds the archive"),
+    "garbage": (r"0000[01]\.tar: not a tar archive: (an empty file|1040 bytes starting b'<html>404 Not Fo')",
+                r"skipped: \{'unreadable_shard': \d\}.*; first: \S+0000[01]\.tar: not a tar archive"),
+    "empty": (r"no valid sample in this rank's \d shard\(s\) \(\S+0000[01]\.tar.*\): the tars are empty", None),
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("fault", list(NO_SAMPLE))
+def test_no_readable_shard_is_one_clear_line(tmp_path, fault, skip, world_size):
+    pattern = unreadable_source(tmp_path, fault)
+    strict, skipped = NO_SAMPLE[fault]
+    message = skipped if skip and skipped else strict
+    if skip and skipped:
+        message = r"^no valid sample in this rank's \d shard\(s\) \(\S+( … \S+)?\): .*" + message
+    for rank in range(world_size):
+        run = loader(pattern, num_samples=16, rank=rank, world_size=world_size, workers=1, skip_bad_samples=skip)
+        with pytest.raises(UsageError, match=message) as error:
+            list(run)
+        assert "\n" not in str(error.value)                                 # one line for the CLI's error print
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# samples lost without an error: tars cut at a header boundary, empty tars; the epoch's shortfall is a WARNING
+
+def cut_after(path: Path, samples: int, members_per_sample: int = 3) -> None:
+    """Cut a tar exactly before the header of sample `samples` (tarfile then reads a shorter tar, no error)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[samples * members_per_sample].offset
+    path.write_bytes(path.read_bytes()[:offset])
+
+
+def short_source(root: Path, per_shard_counts: bool) -> str:
+    """4 shards of 4 samples; 00001.tar cut after 1 sample, 00002.tar an empty tar."""
+    pattern, _ = make_source(root, [4, 4, 4, 4])
+    cut_after(root / "00001.tar", 1)
+    write_tar(root / "00002.tar", [])
+    if not per_shard_counts:
+        (root / "sizes.json").write_text(json.dumps({"num_samples": 16}))
+    return pattern
+
+
+def shortfall_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "shortfall" in r.getMessage()]
+
+
+def test_short_epoch_without_shard_counts_warns(tmp_path, caplog):
+    pattern = short_source(tmp_path, per_shard_counts=False)
+    run = loader(pattern)
+    assert sorted(ids_of(list(run))) == [0, 1, 2, 3, 4, 12, 13, 14, 15] and not run.skipped    # no error: silent
+    assert run.reads == {f"{tmp_path}/{i:05d}.tar": n for i, n in enumerate([4, 1, 0, 4])}   # sent by the workers
+    [warning] = shortfall_warnings(caplog)
+    assert "its 4 shards gave 9 samples, 7 (43.8%) fewer than the 16 expected" in warning
+    assert f"{tmp_path}/00002.tar none (empty), {tmp_path}/00001.tar 1 (about 4 expected per shard)" in warning
+    assert "--train-num-samples 9" in warning
+
+
+def test_short_epoch_warns_on_the_short_rank(tmp_path, caplog):
+    pattern = short_source(tmp_path, per_shard_counts=False)
+    reads = {f"{tmp_path}/{i:05d}.tar": n for i, n in enumerate([4, 1, 0, 4])}
+    for rank in range(2):
+        caplog.clear()
+        run = loader(pattern, rank=rank, world_size=2, workers=0)         # a short rank makes many passes
+        assert len(list(run)) == run.num_batches == 2                      # exact batches even so (2nd pass)
+        total = sum(reads[s.url] for s in run.shards)
+        warnings = shortfall_warnings(caplog)
+        assert len(warnings) == (total < 8)                                 # 8 = this rank's share of 16
+        if warnings:
+            assert f"gave {total} samples, {8 - total} " in warnings[0] and "fewer than the 8 expected" in warnings[0]
+            assert all(s.url in warnings[0] for s in run.shards if reads[s.url] < 4)
+
+
+def test_short_epoch_with_shard_counts_names_each_short_shard(tmp_path, caplog):
+    pattern = short_source(tmp_path, per_shard_counts=True)
+    with pytest.raises(UsageError, match=r"00002\.tar: ends after 0 samples but sizes.json says 4"):
+        list(loader(pattern, workers=0))
+    caplog.clear()
+    run = loader(pattern, skip_bad_samples=True)
+    assert len(ids_of(list(run))) == 9
+    assert run.skipped == Counter({"truncated_shard": 3 + 4})               # the samples lost, not 2 (shards)
+    assert run.stats["unvisited"] == 0
+    [warning] = shortfall_warnings(caplog)
+    assert "gave 9 samples, 7 (43.8%) fewer than the 16 that sizes.json lists for them" in warning
+    assert f"short shards: {tmp_path}/00002.tar 0 of 4, {tmp_path}/00001.tar 1 of 4;" in warning
+
+
+def test_full_epoch_does_not_warn(tmp_path, caplog):
+    pattern, _ = make_source(tmp_path, [4, 4, 4])
+    (tmp_path / "sizes.json").write_text(json.dumps({"num_samples": 12}))
+    assert len(ids_of(list(loader(pattern)))) == 12
+    assert not shortfall_warnings(caplog)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,3 +505,103 @@ def test_digits_through_open_clip(digits_dir, tiny_clip):
                     truth[meta["key"]] = meta["label"]
     for b in batches:
         assert b.labels.tolist() == [truth[i] for i in b.ids.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# duplicate ids within an epoch (one bit per id in the main process)
+
+def test_duplicate_id_across_shards_is_an_error_naming_both_places(tmp_path):
+    pattern, _ = make_source(tmp_path, [4, 4])
+    write_tar(tmp_path / "00001.tar", [sample(g) for g in (4, 5, 2, 7)])              # id 2 is also in 00000.tar
+    with pytest.raises(UsageError, match=r"id 2 comes twice.*0000[01]\.tar: sample '000000002' and "
+                                         r".*0000[01]\.tar: sample '000000002'") as error:
+        list(loader(pattern, workers=2))
+    assert "00000.tar" in str(error.value) and "00001.tar" in str(error.value)
+
+
+def test_duplicate_id_is_dropped_and_counted_when_skipping(tmp_path):
+    pattern, _ = make_source(tmp_path, [4, 4])
+    write_tar(tmp_path / "00001.tar", [sample(g) for g in (4, 5, 2, 2)])              # twice in one shard, once more
+    run = loader(pattern, workers=2, skip_bad_samples=True)
+    got = ids_of(list(run))
+    assert sorted(got) == [0, 1, 2, 3, 4, 5] and run.skipped["duplicate_id"] == 2
+    assert run.stats["unvisited"] == 0                                               # 8 = 6 trained + 2 counted
+
+
+def test_repeat_pass_of_a_short_rank_is_not_a_duplicate(tmp_path):
+    pattern, _ = make_source(tmp_path, [20, 4])                                       # rank 1 must repeat samples
+    ranks = run_ranks(pattern, 2, batch_size=4, workers=1, shuffle_buffer=2)
+    short = next(r for r in ranks if len(r.shards[0].url) and r.shards[0].count == 4)
+    batches = list(short)
+    assert short.stats["repeated"] > 0 and not short.skipped
+    first_seen = torch.cat([b.first_seen for b in batches])
+    assert int((~first_seen).sum()) == short.stats["repeated"]                        # repeats flagged, not dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# resume inside an epoch: state_dict() after k batches + a new loader == the uninterrupted epoch
+
+def noisy_preprocess(image: Image.Image) -> torch.Tensor:
+    """preprocess() plus a random channel: stands for open_clip's random crop (consumes the worker's RNG)."""
+    return torch.cat([preprocess(image), torch.rand(1, 8, 8)])                        # [4, 8, 8]
+
+
+def epoch_from(make, k: int | None) -> tuple[list[Batch], tuple[Counter, Counter, Counter]]:
+    """All batches of an epoch, straight (k None) or split after k batches through state_dict/load_state_dict, and
+    the loader's counters (stats, skipped, reads) at its end."""
+    first = make()
+    if k is None:
+        return list(first), (first.stats, first.skipped, first.reads)
+    it = iter(first)
+    head = [next(it) for _ in range(k)]
+    state = first.state_dict()
+    it.close()
+    second, third = make(), make()
+    second.load_state_dict(state)
+    rest = list(second)
+    third.load_state_dict(state)                                                        # the state is not used up
+    assert ids_of(list(third)) == ids_of(rest)
+    return head + rest, (second.stats, second.skipped, second.reads)
+
+
+@pytest.mark.parametrize("case", ["1 rank, 3 workers, uneven shards, bad samples skipped",
+                                  "short rank of 2, repeat pass", "no workers"])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path, case):
+    """Split points k: the same ids, images (random augmentation included), first-seen flags, counters."""
+    sizes, kw = [9, 5, 7, 3, 6], dict(batch_size=4, workers=3, shuffle_buffer=3, preprocess=noisy_preprocess)
+    if case == "short rank of 2, repeat pass":
+        sizes, kw = [12, 4, 5, 12], {**kw, "world_size": 2, "workers": 2}
+    elif case == "no workers":
+        kw["workers"] = 0
+    pattern, _ = make_source(tmp_path, sizes)
+    if case.endswith("bad samples skipped"):
+        bad = [sample(g) for g in range(9, 14)]
+        bad[2]["png"], bad[4]["json"] = b"not a png", json.dumps({"key": 2})           # unreadable; duplicate id 2
+        write_tar(tmp_path / "00001.tar", bad)
+        kw["skip_bad_samples"] = True
+    if "world_size" in kw:                                                             # the rank with 4 + 5 samples
+        kw["rank"] = min(range(2), key=lambda r: sum(s.count for s in loader(pattern, rank=r, **kw).shards))
+    make = lambda: loader(pattern, **kw)                                               # noqa: E731
+    straight, counters = epoch_from(make, None)
+    assert "repeat" not in case or counters[0]["repeated"] > 0
+    assert "skipped" not in case or counters[1] == {"unreadable_image": 1, "duplicate_id": 1}
+    for k in sorted({1, 2, len(straight) // 2, len(straight) - 2, len(straight) - 1} - {0}):
+        resumed, counters_k = epoch_from(make, k)
+        assert ids_of(resumed) == ids_of(straight), k
+        for a, b in zip(resumed, straight):
+            assert torch.equal(a.images, b.images) and torch.equal(a.texts, b.texts), k
+            assert torch.equal(a.first_seen, b.first_seen), k
+        assert counters_k == counters, k
+
+
+def test_resume_refuses_another_data_order(tmp_path):
+    pattern, _ = make_source(tmp_path, [6, 6])
+    first = loader(pattern, workers=2)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    it.close()
+    with pytest.raises(UsageError, match=r"workers 1 \(checkpoint: 2\)"):
+        loader(pattern, workers=1).load_state_dict(state)
+    with pytest.raises(UsageError, match="batch_size 3"):
+        loader(pattern, workers=2, batch_size=3).load_state_dict(state)

@@ -1,10 +1,13 @@
-"""distributed.py: launcher env parsing, the collectives, and the real `train.train_step` on 2 gloo processes against
-1 process on the concatenated batch.
+"""distributed.py: launcher env parsing, the collectives, and the real `train.train_step` on 2 and 4 gloo processes
+against 1 process on the concatenated batch, for every placement of the per-sample state (clip_glofnd/state.py).
 
-Oracle: one process × batch 2b (world size 1: every collective is the identity) is the definition; 2 ranks × b, rank r
-holding rows r·b:(r+1)·b of the same global batch, must give the same loss, weights, λ/m/v/steps, u and τ. The two
-ranks are spawned once per module (start-up costs seconds): one job runs the collectives and all three losses and
-saves its results; the tests compare.
+Oracle: one process × batch 8 in the default placement (world size 1: every collective is the identity) is the
+definition; W ranks × 8/W, rank r holding rows r·b:(r+1)·b of the same global batch, must give the same loss,
+weights, λ/m/v/steps, u and τ, whether the state is replicated (on the training device or in CPU memory) or sharded
+by id. The ranks are spawned once per module and world size (start-up costs seconds): the 2-rank job runs the
+collectives, all three losses replicated and FastCLIP-v3 in the other placements, and writes a sharded checkpoint
+after step 1; a 1-process run resumes it for step 2 and writes one; the 4-rank job runs every placement and resumes
+that one for step 3 (2 → 1 → 4 processes). The tests compare.
 """
 from __future__ import annotations
 
@@ -118,9 +121,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[[DistInfo], Any], port: int, out: Path) -> None:
+def _entry(rank: int, fn: Callable[[DistInfo], Any], port: int, out: Path, world: int) -> None:
     """Spawned rank: torchrun-like env, init_distributed, run fn, save its result."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -132,11 +135,12 @@ def _entry(rank: int, fn: Callable[[DistInfo], Any], port: int, out: Path) -> No
     torch.save(result, out / f"rank{rank}.pt")
 
 
-def run_two_ranks(fn: Callable[[DistInfo], Any], out: Path, timeout_s: float = 240.0) -> list[Any]:
-    """fn(dist) on 2 gloo CPU processes; returns the per-rank results. A hang fails the test after `timeout_s`."""
-    context = torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), out), nprocs=WORLD, join=False)
-    join_or_kill(context, timeout_s, "2-rank job")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def run_ranks(fn: Callable[[DistInfo], Any], out: Path, world: int = WORLD, timeout_s: float = 240.0) -> list[Any]:
+    """fn(dist) on `world` gloo CPU processes; returns the per-rank results. A hang fails the test after
+    `timeout_s`."""
+    context = torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), out, world), nprocs=world, join=False)
+    join_or_kill(context, timeout_s, f"{world}-rank job")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 # ------------------------------------------------------------------------------------------- collectives (2 ranks)
@@ -182,9 +186,22 @@ def _collectives(dist: DistInfo) -> dict[str, Any]:
     p.grad = torch.tensor([1.0, 2.0]) * (r + 1)
     distributed.average_gradients([p, q], dist)
     distributed.barrier(dist)
+    send = SPLITS[r]
+    recv = [SPLITS[source][r] for source in range(WORLD)]
+    exchanged = distributed.exchange_rows(_exchange_fields(r), send, recv, dist)
     return {"gathered": gathered.detach(), "weight": weight, "x_grad": x.grad, "ids_all": ids_all,
             "fnd": fnd.state_dict(), "rows": {"a": rows.a, "flag": rows.flag}, "p_grad": p.grad, "q_grad": q.grad,
-            "object": distributed.broadcast_object({"from": r}, dist), "main": distributed.is_main(dist)}
+            "object": distributed.broadcast_object({"from": r}, dist), "main": distributed.is_main(dist),
+            "exchanged": exchanged, "row_gather": distributed.gather_rows([f[:2] for f in _exchange_fields(r)], dist)}
+
+
+SPLITS = ([1, 3], [0, 2])            # rows rank r sends to rank s (rank 1 sends rank 0 none)
+
+
+def _exchange_fields(rank: int) -> list[Tensor]:
+    """Rows rank `rank` sends, rank 0's first: int64 tags 100·rank + 10·dest + k, float64 [R, 2], bool."""
+    tags = torch.tensor([100 * rank + 10 * dest + k for dest, count in enumerate(SPLITS[rank]) for k in range(count)])
+    return [tags, torch.stack([tags.double() / 7, -tags.double()], 1), tags % 2 == 1]
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +233,20 @@ def test_sync_rows_replicates_and_lower_rank_wins(collectives: list[dict[str, An
     assert lam[3] == 102.0                                                     # id 3: rank 0's row
 
 
+def test_exchange_rows_uneven_splits_and_gather_rows(collectives: list[dict[str, Any]]) -> None:
+    """Rank s receives, in source-rank order, what each rank sent it (brute force from SPLITS); gather_rows is
+    every rank's fields concatenated in rank order."""
+    for dest, res in enumerate(collectives):
+        tags, values, odd = res["exchanged"]
+        expected = [100 * src + 10 * dest + k for src in range(WORLD) for k in range(SPLITS[src][dest])]
+        assert tags.tolist() == expected
+        torch.testing.assert_close(values, torch.stack([tags.double() / 7, -tags.double()], 1), rtol=0, atol=0)
+        assert odd.tolist() == [t % 2 == 1 for t in expected]
+        everyone = [[f[:2] for f in _exchange_fields(src)] for src in range(WORLD)]     # 2 rows per rank
+        for got, want in zip(res["row_gather"], zip(*everyone)):
+            assert torch.equal(got, torch.cat(want))
+
+
 def test_average_gradients_broadcast_is_main(collectives: list[dict[str, Any]]) -> None:
     for r, res in enumerate(collectives):
         assert res["p_grad"].tolist() == [1.5, 3.0] and res["q_grad"] is None
@@ -237,10 +268,18 @@ FLAGS = {"batch_size": B_LOCAL, "lr": 1e-3, "warmup": 1, "wd": 0.1, "lr_tau": 1e
          "loss_gamma_min": 0.5, "loss_gamma_decay_epochs": 2}                            # γ changes every epoch
 
 
-def _config(loss: str, model: str) -> Any:
+GLOBAL_BATCH = WORLD * B_LOCAL                              # 8 at every world size: 2 × 4, 1 × 8, 4 × 2
+DEFAULT = ("train", "replicated")
+PLACEMENTS = (DEFAULT, ("cpu", "replicated"), ("train", "by-id"), ("cpu", "by-id"))   # (--state-device, -sharding)
+PLACED_LOSS = "fastclip"                                    # every kind of state: λ/m/v/steps × 2, u × 2, τ
+
+
+def _config(loss: str, model: str, world: int = 1, placement: tuple[str, str] = DEFAULT, **run: Any) -> Any:
     """u ~ exp(sim/τ): τ = 0.1 (not SogCLR's 0.03, where u ~ 1e9) keeps float32 rounding of sims below 1e-5 in u."""
     tau = {} if loss == "clip" else {"loss_tau": 0.1}
-    return from_flat({"train_data": "unused", "model": model, "loss": loss, **FLAGS, **tau})
+    return from_flat({"train_data": "unused", "model": model, "loss": loss, **FLAGS, **tau, "name": "t",
+                      "batch_size": GLOBAL_BATCH // world, "state_device": placement[0],
+                      "state_sharding": placement[1], **run})
 
 
 def _data() -> tuple[Tensor, Tensor]:
@@ -257,10 +296,10 @@ def _data() -> tuple[Tensor, Tensor]:
 
 
 def _global_ids(step: int) -> Tensor:
-    """[world · b] ids of the global batch at `step`: a fresh permutation of the N samples each epoch."""
-    epoch, start = divmod(step * WORLD * B_LOCAL, N)
+    """[GLOBAL_BATCH] ids of the global batch at `step`: a fresh permutation of the N samples each epoch."""
+    epoch, start = divmod(step * GLOBAL_BATCH, N)
     order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + epoch))
-    return order[start:start + WORLD * B_LOCAL]
+    return order[start:start + GLOBAL_BATCH]
 
 
 def _local_batch(data: tuple[Tensor, Tensor], step: int, dist: DistInfo) -> Batch:
@@ -272,33 +311,59 @@ def _local_batch(data: tuple[Tensor, Tensor], step: int, dist: DistInfo) -> Batc
 
 
 def _snapshot(parts: train.Parts, step: int) -> dict[str, Any]:
-    """What rank 0 writes as a checkpoint (checkpoint.make_state), detached from the live tensors."""
-    return copy.deepcopy(checkpoint.make_state(
-        model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=parts.fnd_img,
-        fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=step, step=step, name="t", config={}, data={}))
+    """What rank 0 writes as a checkpoint (checkpoint.make_state; no per-sample rows when sharded), plus the rows
+    this rank holds and their ids; detached from the live tensors."""
+    views = parts.store.views(rows_in_file=not parts.store.sharded)
+    return copy.deepcopy({**checkpoint.make_state(
+        model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=views["fnd_img"],
+        fnd_txt=views["fnd_txt"], loss_fn=views["loss"], epoch=step, step=step, name="t", config={}, data={}),
+        "held_ids": parts.store.held_ids(), "held_rows": parts.store.held_rows()})
 
 
-def run_steps(loss: str, model: str, dist: DistInfo, start: int = 0, ckpt: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-    """train.train_step for steps start..STEPS-1 on parts from train.build_parts; per-step metrics,
-    the checkpoint state before step SNAPSHOT_AT and at the end."""
+def run_steps(loss: str, model: str, dist: DistInfo, start: int = 0, ckpt: dict[str, Any] | None = None,
+              placement: tuple[str, str] = DEFAULT, stop: int = STEPS, save_at: int | None = None,
+              run_dir: Path | None = None, resume: Path | None = None) -> dict[str, Any]:
+    """train.train_step for steps start..stop-1 on parts from train.build_parts; per-step metrics, the checkpoint
+    state before step SNAPSHOT_AT and at the end. `ckpt`: checkpoint.restore a snapshot first; `resume`: a checkpoint
+    file through train.resume; `save_at`: train.save_checkpoints into `run_dir` before that step (or at the end)."""
     from clip_glofnd.model import create_model
     torch.manual_seed(0)
-    parts = train.build_parts(_config(loss, model), dist, create_model(model)[0], num_samples=N)
+    cfg = _config(loss, model, dist.world_size, placement, resume=None if resume is None else str(resume))
+    parts = train.build_parts(cfg, dist, create_model(model)[0], num_samples=N)
     if ckpt is not None:
         checkpoint.restore(ckpt, "snapshot", model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                            fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
+    if resume is not None:
+        assert train.resume(cfg, parts, resume.parent, N)[0].step == start
     data, metrics, snapshot = _data(), [], None
-    for step in range(start, STEPS):
+    for step in range(start, stop + 1):
         if step == SNAPSHOT_AT:
             snapshot = _snapshot(parts, step)
+        if step == save_at:
+            train.save_checkpoints(parts, train.Progress(epoch=step, step=step), run_dir)
+        if step == stop:
+            break
         train.set_lr(parts.optimizer, train.lr_factor(step, parts.cfg.optim.warmup, STEPS))
-        metrics.append(train.train_step(_local_batch(data, step, dist), parts, epoch=step * WORLD * B_LOCAL // N))
-    return {"metrics": metrics, "snapshot": snapshot, "final": _snapshot(parts, STEPS)}
+        metrics.append(train.train_step(_local_batch(data, step, dist), parts, epoch=step * GLOBAL_BATCH // N))
+    return {"metrics": metrics, "snapshot": snapshot, "final": _snapshot(parts, stop)}
 
 
-def _run_all(model: str, dist: DistInfo) -> dict[str, Any]:
-    return {"collectives": _collectives(dist), "train": {loss: run_steps(loss, model, dist) for loss in LOSSES}}
+def _run_two(model: str, chain: Path, dist: DistInfo) -> dict[str, Any]:
+    """The 2-rank job: collectives; every loss replicated; FastCLIP-v3 in the other placements, the last one
+    writing a sharded checkpoint after step 1 (the start of the 2 → 1 → 4 chain)."""
+    placed = {placement: run_steps(PLACED_LOSS, model, dist, placement=placement,
+                                   **({"save_at": 1, "run_dir": chain / "two"} if placement == PLACEMENTS[-1] else {}))
+              for placement in PLACEMENTS[1:]}
+    return {"collectives": _collectives(dist), "train": {loss: run_steps(loss, model, dist) for loss in LOSSES},
+            "placed": placed}
+
+
+def _run_four(model: str, chain: Path, dist: DistInfo) -> dict[str, Any]:
+    """The 4-rank job: FastCLIP-v3 in every placement; then step 2 resumed from the 1-process checkpoint."""
+    placed = {placement: run_steps(PLACED_LOSS, model, dist, placement=placement) for placement in PLACEMENTS}
+    resumed = run_steps(PLACED_LOSS, model, dist, start=2, placement=("cpu", "by-id"),
+                        resume=checkpoint.checkpoint_dir(chain / "one") / checkpoint.LATEST)
+    return {"placed": placed, "resumed": resumed}
 
 
 @pytest.fixture(scope="module")
@@ -309,9 +374,15 @@ def micro_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(micro_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """The one 2-rank job of this module: collectives, then every loss through train.train_step."""
-    return run_two_ranks(functools.partial(_run_all, micro_model), tmp_path_factory.mktemp("two_ranks"))
+def chain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folders of the 2 → 1 → 4 resume chain: two/, one/."""
+    return tmp_path_factory.mktemp("chain")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(micro_model: str, chain_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The one 2-rank job of this module."""
+    return run_ranks(functools.partial(_run_two, micro_model, chain_dir), tmp_path_factory.mktemp("two_ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +390,39 @@ def one_rank(micro_model: str) -> dict[str, Any]:
     return {loss: run_steps(loss, micro_model, SINGLE) for loss in LOSSES}
 
 
+@pytest.fixture(scope="module")
+def chain_one(two_ranks: list[dict[str, Any]], micro_model: str, chain_dir: Path) -> dict[str, Any]:
+    """The middle of the chain: 1 process (by-id: one shard) resumes the 2 ranks' sharded checkpoint of step 1, runs
+    step 1 and writes its own sharded checkpoint."""
+    two = checkpoint.checkpoint_dir(chain_dir / "two")
+    return run_steps(PLACED_LOSS, micro_model, SINGLE, start=1, stop=2, placement=("train", "by-id"), save_at=2,
+                     run_dir=chain_dir / "one", resume=two / checkpoint.LATEST)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(chain_one: dict[str, Any], micro_model: str, chain_dir: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The one 4-rank job of this module (after the chain's middle, whose checkpoint it resumes)."""
+    return run_ranks(functools.partial(_run_four, micro_model, chain_dir), tmp_path_factory.mktemp("four_ranks"),
+                     world=4)
+
+
 STATE_KEYS = ("state_dict", "glofnd", "loss", "optimizer")          # weights; λ/m/v/steps; u (, τ); AdamW moments
+
+
+def _assembled(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first snapshot with its per-sample tables put together from the rows the given ranks hold (every id
+    exactly once when they are the shards of a sharded run)."""
+    tables: dict[str, dict[str, Tensor]] = {}
+    covered = torch.zeros(N, dtype=torch.long)
+    for snap in snapshots:
+        covered[snap["held_ids"]] += 1
+        for name, cols in snap["held_rows"].items():
+            for key, value in cols.items():
+                tables.setdefault(name, {}).setdefault(key, torch.zeros(N, dtype=value.dtype))[snap["held_ids"]] = value
+    assert (covered == 1).all() or len(snapshots) == 1, covered.tolist()
+    return {**snapshots[0], "glofnd": {"img": tables["fnd_img"], "txt": tables["fnd_txt"]},
+            "loss": {**snapshots[0]["loss"], **tables.get("loss", {})}}
 
 
 def _assert_state_close(actual: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -373,3 +476,60 @@ def test_checkpoint_of_two_ranks_resumes_at_one(loss: str, two_ranks: list[dict[
     torch.testing.assert_close([m["loss"] for m in resumed["metrics"]],
                                [m["loss"] for m in single["metrics"][SNAPSHOT_AT:]], atol=1e-5, rtol=0)
     _assert_state_close(resumed["final"], single["final"])
+
+
+def _assert_placed_equal(runs: list[dict[str, Any]], single: dict[str, Any], placement: tuple[str, str]) -> None:
+    """W ranks in `placement` == 1 process replicated: per-step loss and filtered fractions, and the final weights,
+    λ/m/v/steps, u, τ and AdamW moments (sharded: the ranks' rows put together; replicated: each rank's copy)."""
+    for key in ("loss", "filtered_img", "filtered_txt"):
+        torch.testing.assert_close(_mean_over_ranks(runs, key), [m[key] for m in single["metrics"]], atol=1e-5,
+                                   rtol=0, msg=lambda text, key=key: f"{placement} {key}: {text}")
+    finals = [run["final"] for run in runs]
+    world = len(runs)
+    if placement[1] == "by-id":
+        for rank, final in enumerate(finals):                                   # rank r holds ids ≡ r (mod W)
+            assert final["held_ids"].tolist() == list(range(rank, N, world))
+            assert final["glofnd"] == {"img": {}, "txt": {}}                    # no rows in the main file
+        _assert_state_close(_assembled(finals), single["final"])
+    else:
+        for final in finals:
+            _assert_state_close(_assembled([final]), single["final"])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS[1:])
+def test_two_ranks_equal_one_process_in_every_placement(placement: tuple[str, str], two_ranks: list[dict[str, Any]],
+                                                        one_rank: dict[str, Any]) -> None:
+    _assert_placed_equal([r["placed"][placement] for r in two_ranks], one_rank[PLACED_LOSS], placement)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_four_ranks_equal_one_process_in_every_placement(placement: tuple[str, str],
+                                                         four_ranks: list[dict[str, Any]],
+                                                         one_rank: dict[str, Any]) -> None:
+    _assert_placed_equal([r["placed"][placement] for r in four_ranks], one_rank[PLACED_LOSS], placement)
+
+
+def test_sharded_checkpoint_resumes_two_to_one_to_four(four_ranks: list[dict[str, Any]], chain_one: dict[str, Any],
+                                                       one_rank: dict[str, Any], chain_dir: Path,
+                                                       micro_model: str) -> None:
+    """2 ranks by-id write one shard each after step 1; 1 process resumes (re-partitioned into one shard), runs
+    step 2 and writes its shard; 4 ranks resume (re-partitioned into four) and run step 3: same loss per step and
+    same final weights, λ/m/v/steps, u, τ and AdamW moments as the uninterrupted 1-process run. open_clip loads
+    the main file's weights."""
+    two, one = (checkpoint.checkpoint_dir(chain_dir / name) for name in ("two", "one"))
+    assert sorted(p.name for p in two.iterdir()) == ["epoch_1.pt", "epoch_latest.pt", "state-step1-rank0-of-2.pt",
+                                                      "state-step1-rank1-of-2.pt"]
+    assert sorted(p.name for p in one.iterdir()) == ["epoch_2.pt", "epoch_latest.pt", "state-step2-rank0-of-1.pt"]
+    main = torch.load(two / checkpoint.LATEST, weights_only=True)
+    assert main["state_shards"]["files"] == ["state-step1-rank0-of-2.pt", "state-step1-rank1-of-2.pt"]
+    assert main["glofnd"] == {"img": {}, "txt": {}} and set(main["loss"]) == {"log_inv_tau"}
+    single = one_rank[PLACED_LOSS]
+    assert chain_one["metrics"][0]["loss"] == pytest.approx(single["metrics"][1]["loss"], abs=1e-5)
+    resumed = [r["resumed"] for r in four_ranks]
+    torch.testing.assert_close(_mean_over_ranks(resumed, "loss"), [single["metrics"][2]["loss"]], atol=1e-5, rtol=0)
+    _assert_state_close(_assembled([run["final"] for run in resumed]), single["final"])
+    import open_clip
+    open_clip.add_model_config(micro_model)
+    model = open_clip.create_model_and_transforms(Path(micro_model).stem, pretrained=str(two / "epoch_1.pt"))[0]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, main["state_dict"][key], rtol=0, atol=0)

@@ -22,11 +22,18 @@ from sklearn.metrics import balanced_accuracy_score
 
 from clip_glofnd import cli
 from clip_glofnd.errors import UsageError
-from clip_glofnd.evaluate import (ClassificationMeter, build_classifier, evaluate, imagenet_classnames, main,
-                                  open_dataset, openai_templates, retrieval_metrics)
+from clip_glofnd.evaluate import (BATCH_SIZE, WORKERS, ClassificationMeter, build_classifier, build_parser,
+                                  imagenet_classnames, main, make_loader, open_dataset, openai_templates,
+                                  retrieval_metrics)
+from clip_glofnd.evaluate import evaluate as evaluate_with_defaults
 from clip_glofnd.model import create_model
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white"]
+
+
+def evaluate(*args, **kwargs) -> dict[str, float]:
+    """`clip_glofnd.evaluate.evaluate` without loader processes (CI has 2 cores) unless a test asks for them."""
+    return evaluate_with_defaults(*args, **{"workers": 0, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -313,6 +320,25 @@ def test_folder_layout_equals_wds_layout(tiny, data, tmp_path: Path) -> None:
                                                                               wds.items()}, abs=1e-12)
 
 
+def test_default_loader_order_is_clip_benchmarks(data, tmp_path: Path) -> None:
+    """Defaults batch 64 / 4 workers, as CLIP_benchmark; order oracle: worker i batches shards i, i + 4, ... on its
+    own and the DataLoader takes one batch from each live worker in turn (webdataset's `.batched` under a DataLoader
+    with batch_size=None, which CLIP_benchmark uses) — the order tied retrieval scores break by."""
+    assert (BATCH_SIZE, WORKERS) == (64, 4)
+    args = build_parser().parse_args(["--model", "m", "--output", "o"])
+    assert (args.batch_size, args.workers) == (BATCH_SIZE, WORKERS)
+    labels = [i % 6 for i in range(83)]
+    samples = [{"png": _png(_rgb(label), i), "cls": str(label).encode()} for i, label in enumerate(labels)]
+    root = write_wds(tmp_path / "ordered", samples, "classification", COLORS, shards=6)
+    shards = [labels[shard::6] for shard in range(6)]                         # write_wds deals samples round robin
+    per_worker = [[x for shard in shards[w::4] for x in shard] for w in range(4)]
+    batches = [[stream[i:i + 5] for i in range(0, len(stream), 5)] for stream in per_worker]
+    expected = [batch for turn in range(max(map(len, batches))) for worker in batches if turn < len(worker)
+                for batch in [worker[turn]]]
+    loader = make_loader(open_dataset(root), lambda image: torch.zeros(1), batch_size=5, workers=4)
+    assert [targets for _, targets in loader] == expected
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -367,7 +393,8 @@ def test_cli_end_to_end(tiny, data, tmp_path: Path, capsys: pytest.CaptureFixtur
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 1}, checkpoint)
     out = tmp_path / "results"
     code = main(["--model", "clip-tiny", "--checkpoint", str(checkpoint), "--zeroshot-data", str(data["cls"]),
-                 "--retrieval-data", str(data["ret"]), "--output", str(out), "--batch-size", "5", "--device", "cpu"])
+                 "--retrieval-data", str(data["ret"]), "--output", str(out), "--batch-size", "5", "--device", "cpu",
+                 "--workers", "0"])
     assert code == 0
     files = sorted(out.glob("*.json"))
     assert [f.name for f in files] == ["colors_cls_epoch_1.pt_clip-tiny_en_zeroshot_classification.json",

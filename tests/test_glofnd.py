@@ -213,6 +213,81 @@ def test_duplicate_ids_take_one_step_with_mean_gradient() -> None:
     assert stats["updated_rows"] == 2
 
 
+def _neg_except(positive: torch.Tensor | None, b: int, m: int) -> torch.Tensor | None:
+    """The trainer's negatives written out: every column but row i's positive (brute-force loop)."""
+    if positive is None:
+        return None
+    return torch.tensor([[j != positive[i].item() for j in range(m)] for i in range(b)])
+
+
+@pytest.mark.parametrize("mode", ["glofnd", "fnd", "oracle", "none"])
+@pytest.mark.parametrize("init, bias_correction", [("one", "sample"), ("quantile", "sample"), ("one", "epoch")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_positive", [True, False])
+def test_update_and_mask_equals_update_then_keep_mask(mode: str, init: str, bias_correction: str,
+                                                      dtype: torch.dtype, with_positive: bool) -> None:
+    """Bit for bit: state after every step, the masks, and the λ rows returned; over the epoch gates (no learning,
+    learning without masking, both), duplicate ids, rows revisited, positives anywhere in the row."""
+    kwargs = dict(lr=0.3, start_epoch=1, mask_start_epoch=2, mode=mode, init=init, bias_correction=bias_correction)
+    fused, reference = GloFND(9, 0.2, **kwargs), GloFND(9, 0.2, **kwargs)
+    labels_all = torch.randint(3, (10,))
+    for step, epoch in enumerate([0, 1, 1, 2, 2, 3]):
+        ids = torch.randint(9, (6,))                                             # duplicates likely
+        offset = step % 5                                                        # local rows at 0..4 of 10 columns
+        sim = (torch.rand(6, 10, dtype=torch.float64) * 2 - 1).to(dtype)
+        positive = torch.arange(6) % 10 if not with_positive else (torch.arange(6) + offset) % 10
+        neg = _neg_except(positive if with_positive else None, 6, 10)
+        labels = labels_all[positive]
+        keep, lam = fused.update_and_mask(sim, ids, epoch, positive if with_positive else None, labels, labels_all)
+        reference.update(sim, ids, epoch, neg)
+        expected = reference.keep_mask(sim, ids, epoch, neg, labels, labels_all)
+        assert torch.equal(keep, expected), (step, epoch)
+        assert torch.equal(lam, reference.threshold[ids]), (step, epoch)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(getattr(fused, key), value), (step, epoch, key)
+    if mode == "glofnd":
+        assert (fused.steps > 0).any() and not keep.all()                       # it learned and masked something
+
+
+def test_update_and_mask_matches_brute_force_adam_and_mask() -> None:
+    """One step from random λ, m, v, steps, against a hand loop: g_i over the columns other than the positive, one
+    Adam step per distinct id with the mean g of its rows, then the mask from the new λ (positive always kept)."""
+    alpha, lr, n = 0.3, 0.05, 10
+    fnd = GloFND(n, alpha, lr=lr)
+    start = {"lam": torch.rand(n) * 2 - 1, "m": torch.randn(n) * 0.1, "v": torch.rand(n) * 0.01,
+             "steps": torch.randint(1, 5, (n,), dtype=torch.int32)}
+    fnd.import_rows(torch.arange(n), start)
+    sim, ids, positive = torch.rand(5, 7) * 2 - 1, torch.tensor([4, 1, 4, 9, 0]), torch.tensor([2, 3, 4, 5, 6])
+    keep, lam_rows = fnd.update_and_mask(sim, ids, 0, positive)
+    grads: dict[int, list[float]] = {}
+    for i, k in enumerate(ids.tolist()):
+        negatives = [j for j in range(7) if j != positive[i]]
+        grads.setdefault(k, []).append(alpha - sum(sim[i, j].item() > start["lam"][k].item() for j in negatives) / 6)
+    for k, gs in grads.items():
+        g, t = sum(gs) / len(gs), start["steps"][k].item() + 1
+        m = BETAS[0] * start["m"][k].item() + (1 - BETAS[0]) * g
+        v = BETAS[1] * start["v"][k].item() + (1 - BETAS[1]) * g * g
+        lam = start["lam"][k].item() - lr * (m / (1 - BETAS[0] ** t)) / (math.sqrt(v / (1 - BETAS[1] ** t)) + 1e-8)
+        assert fnd.threshold[k].item() == pytest.approx(max(-1.0, min(1.0, lam)), abs=1e-6), k
+        assert fnd.steps[k].item() == t
+    for i in range(5):
+        assert lam_rows[i] == fnd.threshold[ids[i]]
+        for j in range(7):
+            assert keep[i, j].item() == (j == positive[i] or sim[i, j].item() <= fnd.threshold[ids[i]].item()), (i, j)
+
+
+@pytest.mark.parametrize("positive, match", [
+    (torch.tensor([0, 1, 5, 2]), r"1 of 4 positive columns outside \[0, 5\)"),
+    (torch.tensor([0, 1, 2]), r"positive must be an integer tensor of shape \[4\]"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), r"positive must be an integer tensor"),
+])
+def test_update_and_mask_bad_positive_raises(positive: torch.Tensor, match: str) -> None:
+    fnd = GloFND(10, 0.1)
+    with pytest.raises(ValueError, match=match):
+        fnd.update_and_mask(torch.rand(4, 5), torch.tensor([0, 3, 5, 9]), 0, positive)
+    assert (fnd.threshold == 1).all() and (fnd.steps == 0).all()
+
+
 @pytest.mark.parametrize("method", ["update", "keep_mask"])
 @pytest.mark.parametrize("case, match", [
     ("id_high", r"2 of 4 ids outside \[0, 10\) \(min 0, max 12\)"),
@@ -372,3 +447,18 @@ def test_cuda_matches_cpu() -> None:
         assert gpu.keep_mask(sim.cuda().bfloat16(), ids.cuda(), 0, neg.cuda()).shape == (16, 24)
     gpu.to("cpu")
     assert gpu.threshold.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_and_mask_cuda_matches_cpu() -> None:
+    cpu, gpu = GloFND(50, 0.1, init="quantile"), GloFND(50, 0.1, init="quantile", device="cuda")
+    for _ in range(10):
+        ids, sim, positive = torch.randint(50, (16,)), torch.rand(16, 24) * 2 - 1, torch.randint(24, (16,))
+        keep_cpu, lam_cpu = cpu.update_and_mask(sim, ids, 0, positive)
+        keep_gpu, lam_gpu = gpu.update_and_mask(sim.cuda(), ids.cuda(), 0, positive.cuda())
+        torch.testing.assert_close(lam_gpu.cpu(), lam_cpu)
+        expected = sim <= lam_gpu.cpu()[:, None]                                 # the mask of the GPU's own λ
+        expected[torch.arange(16), positive] = True
+        assert keep_gpu.is_cuda and torch.equal(keep_gpu.cpu(), expected)
+        cpu.import_rows(ids, gpu.export_rows(ids.cuda()))                       # same λ bits from here on

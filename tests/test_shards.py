@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -17,8 +18,8 @@ from PIL import Image
 
 from clip_glofnd import cli
 from clip_glofnd.errors import UsageError
-from clip_glofnd.shards import (DIGIT_WORDS, ShardWriter, check_shards, check_shards_main, make_digits, make_shards,
-                                split_digits, write_sizes_json)
+from clip_glofnd.shards import (DIGIT_WORDS, ShardWriter, brace_pattern, check_shards, check_shards_main, make_digits,
+                                make_shards, split_digits, write_sizes_json)
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -240,6 +241,88 @@ def test_check_shards_bad_keys_and_truncation(tmp_path):
     report = check_shards(f"{tmp_path}/{{00000..00001}}.tar", num_samples=6)
     assert report.problems == {"bad_key": 1, "truncated_shard": 1} and not report.ok
     assert any("sample '000000001'" in e and "'x1' is not an integer" in e for e in report.problem_examples)
+
+
+def png_bytes(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def deep_shards(root: Path) -> str:
+    """Two shards whose ids are all fine, with one bad image, caption or label each in samples 1..5 of 00001.tar."""
+    bad = {1: {"png": b"\x89PNG\r\n\x1a\n truncated"}, 2: {"txt": "caf\xe9".encode("latin-1")}, 3: {"txt": "  "},
+           4: {"cls": "seven"}, 5: {"png": None}}
+    with ShardWriter(root, shard_size=4) as writer:
+        for gid in range(8):
+            members = {"png": png_bytes(gid), "txt": f"caption {gid}", "cls": str(gid % 2),
+                       "json": json.dumps({"key": gid, "caption": f"caption {gid}"}), **bad.get(gid, {})}
+            writer.write(f"{gid:09d}", {ext: data for ext, data in members.items() if data is not None})
+    write_sizes_json(root, writer.counts, num_samples=8)
+    return brace_pattern(root, writer.counts)
+
+
+def test_check_shards_deep_decodes_images_and_captions(tmp_path, capsys):
+    pattern = deep_shards(tmp_path)
+    assert check_shards(pattern).ok                                                   # ids alone are fine
+    report = check_shards(pattern, deep=True)
+    assert report.problems == {"unreadable_image": 1, "non_utf8_caption": 1, "missing_caption": 1,
+                               "bad_label": 1, "missing_image": 1} and not report.ok
+    where = {"unreadable_image": 1, "non_utf8_caption": 2, "missing_caption": 3, "bad_label": 4, "missing_image": 5}
+    for kind, gid in where.items():                                                  # shard and key named per kind
+        shard = f"{tmp_path}/0000{gid // 4}.tar"
+        assert sum(e.startswith(f"{shard}: sample '{gid:09d}'") for e in report.problem_examples) == 1, kind
+    assert check_shards_main([pattern, "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert "checked: ids, images and captions" in out and "txt member is not UTF-8" in out and "NOT OK" in out
+    assert check_shards(pattern, deep=True, workers=2).__dict__ == report.__dict__   # same report in 2 processes
+
+
+def test_check_shards_deep_caption_key(tmp_path):
+    with ShardWriter(tmp_path, shard_size=10) as writer:
+        for gid in range(3):
+            writer.write(f"{gid:09d}", {"png": png_bytes(gid), "json": json.dumps({"key": gid, "caption": f"c{gid}"})})
+    write_sizes_json(tmp_path, writer.counts, num_samples=3)
+    shard = str(tmp_path / "00000.tar")
+    assert check_shards(shard, deep=True).problems == {"missing_caption": 3}
+    assert check_shards(shard, deep=True, caption_key="json:caption").ok
+    assert check_shards_main([shard, "--deep", "--caption-key", "json:caption"]) == 0
+
+
+@pytest.mark.parametrize("fault, kind, message", [
+    ("empty file", "unreadable_shard", r"00001\.tar: not a tar archive: an empty file;"),
+    ("garbage", "unreadable_shard", r"00001\.tar: not a tar archive: 600 bytes starting b'garbagegarbagega';"),
+    ("archive of shards", "unreadable_shard", r"00001\.tar: holds the archive 'inner/00000\.tar', not samples"),
+    ("cut at a header", None, None),
+])
+def test_check_shards_broken_shards(tmp_path, fault, kind, message):
+    id_shard(tmp_path / "00000.tar", [0, 1, 2])
+    id_shard(tmp_path / "00001.tar", [3, 4, 5])
+    write_sizes_json(tmp_path, {"00000.tar": 3, "00001.tar": 3}, num_samples=6)
+    broken = tmp_path / "00001.tar"
+    if fault == "empty file":
+        broken.write_bytes(b"")
+    elif fault == "garbage":
+        broken.write_bytes((b"garbage" * 100)[:600])
+    elif fault == "archive of shards":
+        (tmp_path / "inner").mkdir()
+        id_shard(tmp_path / "inner" / "00000.tar", [3, 4, 5])
+        broken.unlink()
+        with tarfile.open(broken, "w") as tar:
+            tar.add(tmp_path / "inner" / "00000.tar", arcname="inner/00000.tar")
+    else:                                                    # the tar ends cleanly after 1 of its 3 samples
+        with tarfile.open(broken) as tar:
+            offset = tar.getmembers()[2].offset             # 2 members (txt, json) per sample
+        broken.write_bytes(broken.read_bytes()[:offset])
+    report = check_shards(f"{tmp_path}/{{00000..00001}}.tar")
+    assert not report.ok and check_shards_main([f"{tmp_path}/{{00000..00001}}.tar", "--allow-holes"]) == 1
+    if kind is None:
+        assert report.problems == {} and report.short_shards == [str(broken)]       # not OK: shorter than listed
+        assert report.count_mismatch == {str(broken): [1, 3]}
+        return
+    assert report.problems == {kind: 1} and report.per_shard[str(broken)] == 0
+    [example] = report.problem_examples
+    assert re.search(message, example) and "\n" not in example
 
 
 def test_import_is_cheap():

@@ -5,17 +5,29 @@ against a crashed-and-resumed one (composer style); gradient accumulation agains
 """
 from __future__ import annotations
 
+import copy
+import errno
 import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from clip_glofnd import cli, train
+from clip_glofnd import checkpoint, cli, train
 from clip_glofnd.config import from_flat
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import DistInfo
+from clip_glofnd.errors import UsageError
 from clip_glofnd.logger import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = {"embed_dim": 16,
          "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -86,28 +98,45 @@ class Crash(Exception):
     """Stands for a job killed right after its first checkpoint."""
 
 
-def test_resume_equals_uninterrupted(digits_dir: Path, micro_model: str, tmp_path: Path,
+RESUME_FLAGS = ["--epochs", "2", "--loss", "fastclip", "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def straight(digits_dir: Path, micro_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted reference of the resume tests: 2 epochs × 2 steps, FastCLIP-v3 + GloFND, a checkpoint after
+    every step (which must not change the result); its final checkpoint and its step losses."""
+    logs = tmp_path_factory.mktemp("straight")
+    assert cli.main(argv(digits_dir, micro_model, logs, "--name", "straight", *RESUME_FLAGS,
+                         "--save-every-n-steps", "1")) == 0
+    return {"ckpt": torch.load(logs / "straight" / "checkpoints" / "epoch_latest.pt", weights_only=True),
+            "losses": {r["step"]: r["loss"] for r in read_jsonl(logs / "straight" / "metrics.jsonl") if "loss" in r}}
+
+
+def assert_same_run(ckpt: dict, reference: dict, what: str) -> None:
+    """Bit for bit: weights, optimizer, λ/m/v/steps, u and τ; the same epoch and step."""
+    assert (ckpt["epoch"], ckpt["step"]) == (reference["epoch"], reference["step"]) == (2, 4), what
+    for key in ("state_dict", "loss", "glofnd", "optimizer"):
+        torch.testing.assert_close(ckpt[key], reference[key], rtol=0, atol=0, msg=lambda m: f"{what}: {key}: {m}")
+
+
+def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """2 epochs straight == 1 epoch, crash, --resume latest, 1 epoch: same weights, optimizer, λ/m/v, u, τ."""
-    flags = ["--epochs", "2", "--loss", "fastclip", "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2"]
-    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "straight", *flags)) == 0
     save = train.save_checkpoints
 
-    def save_then_crash(parts, state, run_dir):
-        save(parts, state, run_dir)
+    def save_then_crash(parts, state, run_dir, run=None):
+        save(parts, state, run_dir, run)
         raise Crash
 
     monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
     with pytest.raises(Crash):
-        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *flags))
+        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *RESUME_FLAGS))
     monkeypatch.setattr(train, "save_checkpoints", save)
-    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest", *flags)) == 0
-    a, b = (torch.load(tmp_path / name / "checkpoints" / "epoch_latest.pt", weights_only=True)
-            for name in ("straight", "resumed"))
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
-    for key in ("state_dict", "loss", "glofnd", "optimizer"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    assert (a["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest",
+                         *RESUME_FLAGS)) == 0
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert_same_run(ckpt, straight["ckpt"], "resumed at the epoch boundary")
+    assert (ckpt["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
 
 
 def _parts(micro_model: str, accum: int) -> train.Parts:
@@ -232,3 +261,155 @@ def test_mixed_precision_step(precision: str, micro_model: str) -> None:
     assert parts.scaler.is_enabled() == (precision == "amp")
     assert torch.isfinite(torch.tensor(metrics["loss"])) and parts.unwrapped.visual.conv1.weight.dtype == torch.float32
     assert not torch.equal(before, parts.unwrapped.visual.conv1.weight) and (parts.fnd_img.threshold[:8] < 1).all()
+
+
+# ------------------------------------------------------------------------------------------- faults (issue 12)
+def _state_of(parts: train.Parts) -> dict:
+    """Everything a step may change: weights, buffers, optimizer, λ/m/v/steps, u."""
+    return copy.deepcopy({"model": parts.unwrapped.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                          "img": parts.fnd_img.state_dict(), "txt": parts.fnd_txt.state_dict(),
+                          "loss": parts.loss_fn.state_dict()})
+
+
+@pytest.mark.parametrize("fault", ["nan image", "nan gradient", "inf loss"])
+def test_nonfinite_step_is_skipped_and_undone(fault: str, micro_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-finite input, gradient or loss: the step reports nonfinite, and weights, optimizer, λ/m/v/steps and u
+    are exactly as before it (GloFND and u had already been updated inside the step: they are put back)."""
+    from clip_glofnd.model import create_model
+    torch.manual_seed(0)
+    cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "loss": "fastclip", "fnd": "glofnd",
+                     "fnd_alpha": 0.2})
+    parts = train.build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=16)
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16)), torch.arange(8), None)
+    assert train.train_step(batch, parts, epoch=0)["nonfinite"] == 0.0               # a normal step first
+    before = _state_of(parts)
+    if fault == "nan image":
+        batch.images[3] = float("nan")
+    elif fault == "nan gradient":
+        parts.unwrapped.visual.conv1.weight.register_hook(lambda grad: grad * float("nan"))
+    else:
+        forward = parts.loss_fn.forward
+        monkeypatch.setattr(parts.loss_fn, "forward", lambda *a, **k: (lambda out: (out[0] * float("inf"), out[1]))(
+            forward(*a, **k)))
+    metrics = train.train_step(batch, parts, epoch=0)
+    assert metrics["nonfinite"] == 1.0 and math.isnan(metrics["loss"])
+    torch.testing.assert_close(_state_of(parts), before, rtol=0, atol=0)
+
+
+def test_nan_run_stops_on_one_line_without_nan_checkpoints(digits_dir: Path, micro_model: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The issue's --lr 1e6: steps are skipped, the run stops after --max-nonfinite-steps in a row with one line;
+    every checkpoint written holds finite weights and state."""
+    rc = cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "nan", "--lr", "1e6", "--fnd", "glofnd",
+                       "--epochs", "3", "--max-nonfinite-steps", "2", "--save-every-n-steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "2 steps in a row had a non-finite loss or gradient" in err[-1], err[-3:]
+    files = list((tmp_path / "nan" / "checkpoints").glob("*.pt"))
+    assert files
+    for path in files:
+        assert checkpoint.nonfinite_entries(torch.load(path, weights_only=True)) == [], path
+    skipped = [r for r in read_jsonl(tmp_path / "nan" / "metrics.jsonl") if r.get("nonfinite")]
+    assert len(skipped) >= 2 and all(r["loss"] is None for r in skipped)
+
+
+def _kill_at_step(command: list[str], metrics: Path, step: int, timeout_s: float = 240.0) -> None:
+    """Start `command`, SIGKILL it as soon as metrics.jsonl has a record of `step` (wherever it then is)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if metrics.is_file() and any(r.get("step", 0) >= step for r in read_jsonl(metrics)):
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"the run ended before step {step}: {process.stderr.read().decode()[-2000:]}"
+    finally:
+        process.kill()                                                              # SIGKILL
+        process.wait()
+
+
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str,
+                                                           tmp_path: Path) -> None:
+    """A real `clip-glofnd train` process (one loader worker process) killed with SIGKILL at a random step, maybe
+    inside a save, then --resume latest: the same weights, optimizer, λ/m/v/steps and u as the uninterrupted run,
+    bit for bit; metrics.jsonl has each step once, with the same losses; no temporary file is left."""
+    flags = [*RESUME_FLAGS, "--save-every-n-steps", "1", "--workers", "1"]          # 1 worker: the same data order
+    step = random.SystemRandom().randint(1, 3)                                      # 4 steps in all
+    _kill_at_step([sys.executable, "-m", "clip_glofnd.cli", *argv(digits_dir, micro_model, tmp_path, "--name",
+                                                                   "killed", *flags)],
+                  tmp_path / "killed" / "metrics.jsonl", step)
+    assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "killed", "--resume", "latest", *flags)) == 0
+    assert_same_run(torch.load(tmp_path / "killed" / "checkpoints" / "epoch_latest.pt", weights_only=True),
+                    straight["ckpt"], f"killed at step {step}")
+    records = [r for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4], step
+    assert {r["step"]: r["loss"] for r in records} == straight["losses"], step
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))              # no temporary file left
+
+
+def test_resume_with_another_batch_size_warns_and_continues_the_lr(digits_dir: Path, micro_model: str,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Epoch 1 at batch 32 (2 steps of 4), crash, resumed at batch 16 (4 steps per epoch): a warning names the change,
+    the old config.yaml is kept, a stale temporary of a killed save is removed, the lr goes on from where it was
+    (position 2 of the 4-step cosine, the rest spread over 4 steps: 2, 2.5, 3, 3.5) and metrics.jsonl has each
+    step once."""
+    flags = ["--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--name", "run"]
+    save = train.save_checkpoints
+
+    def save_then_crash(parts, state, run_dir, run=None):
+        save(parts, state, run_dir, run)
+        raise Crash
+
+    monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
+    with pytest.raises(Crash):
+        cli.main(argv(digits_dir, micro_model, tmp_path, *flags))
+    monkeypatch.setattr(train, "save_checkpoints", save)
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / ".epoch_latest.pt.tmp-4242"
+    stale.write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv(digits_dir, micro_model, tmp_path, *flags, "--batch-size", "16", "--resume",
+                             "latest")) == 0
+    assert "--batch-size 32 -> 16" in caplog.text and not stale.exists()
+    kept = [p for p in run.glob("config.*.yaml")]
+    assert len(kept) == 1 and "batch_size: 32" in kept[0].read_text() and "batch_size: 16" in \
+        (run / "config.yaml").read_text()
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    expected = [1e-3 * train.lr_factor(p, 1, 4) for p in (0, 1, 2, 2.5, 3, 3.5)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
+
+
+def test_unwritable_logs_folder_is_one_line_before_any_work(digits_dir: Path, micro_model: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A read-only --logs (simulated: this suite may run as root, which ignores permissions) stops at start."""
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(train, "create_model", None, raising=False)                  # not reached
+    rc = cli.main(argv(digits_dir, micro_model, tmp_path / "ro", "--name", "x"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot write in" in err[0] and "Read-only file system" in err[0]
+
+
+def test_duplicate_id_across_processes_is_an_error_on_every_rank(digits_dir: Path, micro_model: str) -> None:
+    """The check on the gathered first-pass ids (run identically on every rank): an id trained earlier this epoch
+    by another process stops the step, naming its places; repeat-pass samples are exempt."""
+    from types import SimpleNamespace
+    from clip_glofnd.seen import SeenIds
+    cfg = from_flat({"train_data": str(digits_dir / "train" / "{00000..00011}.tar"), "model": micro_model})
+    parts = SimpleNamespace(cfg=cfg, dist=DistInfo())
+    run = train.EpochRun(loader=None, schedule=None, means=None, seen_all=SeenIds(1500))
+    batch = Batch(None, None, torch.tensor([5, 6, 7]), None, torch.tensor([True, True, False]))
+    train.check_across_ranks(batch, run, parts)
+    train.check_across_ranks(Batch(None, None, torch.tensor([7, 8]), None, torch.tensor([True, True])), run, parts)
+    with pytest.raises(UsageError, match=r"id 6 comes twice in this epoch, on two processes: .*0000\d\.tar: sample"):
+        train.check_across_ranks(Batch(None, None, torch.tensor([9, 6]), None, torch.tensor([True, True])), run,
+                                 parts)

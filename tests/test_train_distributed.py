@@ -3,13 +3,15 @@
 Two spawned processes get torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and run
 `cli.main(["train", ...])` for one epoch on the digits shards with zero-shot evaluation after the epoch (rank 0
 evaluates, rank 1 waits at the barrier). Oracles: the ids each rank trained on (recorded around `train.train_step`),
-the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. Every
-multi-process job has a deadline, so a hang fails instead of blocking CI.
+the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. The same
+first epoch with `--state-sharding by-id --state-device cpu` must end with the replicated run's weights and state
+(slow: two more processes). Every multi-process job has a deadline, so a hang fails instead of blocking CI.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -60,10 +62,10 @@ def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
         seen["ids"].append(batch.ids.clone())
         return step(batch, parts, epoch=epoch)
 
-    def record_state(parts, state, run_dir):                                    # what THIS rank holds at save time
+    def record_state(parts, state, run_dir, run=None):                          # what THIS rank holds at save time
         seen["state"] = {"glofnd": {"img": parts.fnd_img.state_dict(), "txt": parts.fnd_txt.state_dict()},
                          "loss": parts.loss_fn.state_dict(), "state_dict": checkpoint.plain_state_dict(parts.model)}
-        save_checkpoints(parts, state, run_dir)
+        save_checkpoints(parts, state, run_dir, run)
 
     def record_save(ckpt, path):
         seen["saves"].append(Path(path).name)
@@ -107,6 +109,44 @@ def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     last = torch.load(logs / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     return {"ranks": ranks, "run_dir": logs / "run", "first": first, "rc": rc, "last": last,
             "resumed_ids": torch.cat(resumed_ids)}
+
+
+@pytest.fixture(scope="module")
+def by_id_run(runs: dict[str, Any], digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The first epoch of `runs` again on 2 ranks, with the per-sample state in CPU memory and sharded by id."""
+    tmp = tmp_path_factory.mktemp("train_dist_by_id")
+    model = tmp / "clip-micro-ddp.json"
+    model.write_text(json.dumps(MICRO))
+    ranks = _spawn_ranks(_argv(digits_dir, str(model), tmp / "logs", 16, 1, "--state-sharding", "by-id",
+                               "--state-device", "cpu"), tmp)
+    return {"ranks": ranks, "folder": checkpoint.checkpoint_dir(tmp / "logs" / "run")}
+
+
+@pytest.mark.slow              # 2 more processes (~15-30 s); test_distributed.py checks by-id == replicated in CI
+def test_two_ranks_by_id_end_with_the_replicated_weights_and_state(runs: dict[str, Any],
+                                                                   by_id_run: dict[str, Any]) -> None:
+    """`clip-glofnd train --state-sharding by-id --state-device cpu` on 2 processes: each rank writes its shard, rank 0
+    the main file naming them; weights, optimizer, λ/m/v/steps and u equal the replicated run's epoch_1.pt."""
+    folder, first = by_id_run["folder"], runs["first"]
+    assert [r["rc"] for r in by_id_run["ranks"]] == [0, 0]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt", "state-step2-rank0-of-2.pt",
+                                                        "state-step2-rank1-of-2.pt"]
+    main = torch.load(folder / "epoch_1.pt", weights_only=True)
+    torch.testing.assert_close(main["state_dict"], first["state_dict"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(main["optimizer"]["state"], first["optimizer"]["state"], atol=1e-5, rtol=0)
+    n = first["loss"]["u_img"].numel()
+    tables: dict[str, dict[str, torch.Tensor]] = {"img": {}, "txt": {}, "loss": {}}
+    covered = torch.zeros(n, dtype=torch.long)
+    for ids, rows in checkpoint.read_shards(main, folder / "epoch_1.pt"):      # rank r's file: ids r, r + 2, ...
+        covered[ids] += 1
+        for name, target in (("fnd_img", "img"), ("fnd_txt", "txt"), ("loss", "loss")):
+            for key, value in rows[name].items():
+                tables[target].setdefault(key, torch.zeros(n, dtype=value.dtype))[ids] = value
+    assert (covered == 1).all()
+    for modality in ("img", "txt"):
+        torch.testing.assert_close(tables[modality], first["glofnd"][modality], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tables["loss"], {k: first["loss"][k] for k in ("u_img", "u_txt")}, atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_two_ranks_train_evaluate_and_rank0_writes_one_full_checkpoint(runs: dict[str, Any]) -> None:
@@ -161,12 +201,14 @@ def test_resume_on_one_process_continues_the_state(runs: dict[str, Any]) -> None
 
 
 def test_sync_share_quick(tmp_path: Path) -> None:
-    """benchmarks/sync_share.py --quick: 2 ranks, JSON with the command, machine, times and byte counts."""
+    """benchmarks/sync_share.py --quick: 2 ranks, replicated and by-id; JSON with the command, machine, times and byte
+    counts (by-id: each rank's b rows plus the rows it owns, each way; replicated: W·b rows in)."""
     out = tmp_path / "sync_share.json"
     assert sync_share.main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "sync_share" and "--quick" in result["command"]
-    assert result["world_size"] == WORLD and "under_load" in result["machine"]
+    assert result["world_sizes"] == [WORLD] and "under_load" in result["machine"]
+    assert sorted(row["sharding"] for row in result["rows"]) == ["by-id", "replicated"]
     for row in result["rows"]:
         b, d = row["batch"], row["embed_dim"]
         assert 0 < row["sync_s"] < row["step_s"] and 0 < row["sync_isolated_s"] < row["step_s"]
@@ -174,5 +216,78 @@ def test_sync_share_quick(tmp_path: Path) -> None:
         bytes_ = row["bytes"]
         assert bytes_["features_send"] == 2 * b * d * 4 and bytes_["features_recv"] == WORLD * bytes_["features_send"]
         assert bytes_["ids_send"] == bytes_["labels_send"] == 8 * b
-        assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)                   # id + GloFND img/txt + u (sogclr)
-        assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
+        if row["sharding"] == "replicated":                                     # id + GloFND img/txt + u (sogclr)
+            assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)
+            assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
+        else:                                                                   # no ids: 40 B per row, 2 all-to-alls
+            assert bytes_["state_row_bytes_per_anchor"] == 2 * 16 + 8
+            assert bytes_["state_rows_send"] == bytes_["state_rows_recv"] == 2 * b * 40       # mean over the ranks
+            assert row["extrapolated"]["state_rows_recv"] == 2 * b * 40
+
+
+# --------------------------------------------------------------- mid-epoch checkpoint, 2 processes (issue 12)
+class Crash(Exception):
+    """Stands for a job killed right after its step-`CRASH_AT` checkpoint (raised on both ranks at the same step)."""
+
+
+CRASH_AT = 6                                           # 4 steps per epoch: epoch 2, after batch 2
+
+
+def _resume_rank_main(rank: int, argvs: dict[str, list[str]], ports: list[int], out: Path) -> None:
+    """A spawned rank runs three jobs in turn: straight, crashed after step CRASH_AT, resumed with --resume latest."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    step, calls = train.train_step, [0]
+
+    def crashing(batch, parts, *, epoch):
+        calls[0] += 1
+        if calls[0] > CRASH_AT:
+            raise Crash
+        return step(batch, parts, epoch=epoch)
+
+    os.environ["MASTER_PORT"] = str(ports[0])
+    rcs = [cli.main(argvs["straight"])]
+    os.environ["MASTER_PORT"], train.train_step = str(ports[1]), crashing
+    try:
+        cli.main(argvs["crashed"])
+    except Crash:
+        rcs.append("crashed")
+    finally:
+        train.train_step = step
+    if rank == 0:
+        shutil.copy(Path(argvs["crashed"][argvs["crashed"].index("--logs") + 1]) / "crashed" / "checkpoints" /
+                    checkpoint.LATEST, out / "mid_epoch.pt")
+    os.environ["MASTER_PORT"] = str(ports[2])
+    rcs.append(cli.main(argvs["resumed"]))
+    torch.save({"rc": rcs}, out / f"resume_rank{rank}.pt")
+
+
+def test_two_ranks_killed_mid_epoch_resume_equals_uninterrupted(digits_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """2 gloo processes, --save-every-n-steps 1: crashed inside epoch 2 and resumed == uninterrupted, bit for bit
+    (weights, optimizer, λ/m/v/steps, u), each step once in metrics.jsonl; the mid-epoch checkpoint refuses to
+    resume on 1 process, naming the end-of-epoch file to use instead."""
+    model = tmp_path / "clip-micro-mid.json"
+    model.write_text(json.dumps(MICRO))
+    logs = tmp_path / "logs"
+    base = _argv(digits_dir, str(model), logs, 16, 2, "--save-every-n-steps", "1", "--train-num-samples", "128")
+    argvs = {"straight": base[:base.index("--name") + 1] + ["straight"] + base[base.index("--name") + 2:]}
+    argvs["crashed"] = [a if a != "straight" else "crashed" for a in argvs["straight"]]
+    argvs["resumed"] = argvs["crashed"] + ["--resume", "latest"]
+    context = torch.multiprocessing.spawn(_resume_rank_main, args=(argvs, [_free_port() for _ in range(3)], tmp_path),
+                                          nprocs=WORLD, join=False)
+    join_or_kill(context, DEADLINE_S, "2-rank crash + resume")
+    assert all(torch.load(tmp_path / f"resume_rank{r}.pt")["rc"] == [0, "crashed", 0] for r in range(WORLD))
+    a, b = (torch.load(logs / name / "checkpoints" / checkpoint.LATEST, weights_only=True)
+            for name in ("straight", "crashed"))
+    assert (a["epoch"], a["step"], a["data"]["batch"]) == (b["epoch"], b["step"], b["data"]["batch"]) == (2, 8, 0)
+    for key in ("state_dict", "optimizer", "glofnd", "loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    records = [r for r in read_jsonl(logs / "crashed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    mid = torch.load(tmp_path / "mid_epoch.pt", weights_only=True)
+    assert (mid["step"], mid["data"]["batch"], len(mid["data"]["loaders"])) == (CRASH_AT, 2, WORLD)
+    one = _argv(digits_dir, str(model), logs, 32, 2, "--train-num-samples", "128", "--resume",
+                str(tmp_path / "mid_epoch.pt"))
+    assert cli.main([x if x != "run" else "one" for x in one]) == 2
+    assert "by 2 processes; resume it with 2 processes, or from an end-of-epoch checkpoint" in capsys.readouterr().err
