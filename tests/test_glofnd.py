@@ -249,6 +249,24 @@ def test_update_and_mask_equals_update_then_keep_mask(mode: str, init: str, bias
         assert (fused.steps > 0).any() and not keep.all()                       # it learned and masked something
 
 
+@pytest.mark.parametrize("bias_correction", ["sample", "epoch"])
+def test_update_and_mask_learn_epoch_is_update_at_it_then_mask_at_epoch(bias_correction: str) -> None:
+    """The state warm-up's call: λ learns as `update(..., learn_epoch)` (here before start_epoch, and with the
+    epoch-based bias correction at learn_epoch + 1) while the mask follows `epoch`'s gate (nothing filtered yet)."""
+    kwargs = dict(lr=0.3, start_epoch=3, mask_start_epoch=3, init="quantile", bias_correction=bias_correction)
+    fused, reference = GloFND(9, 0.2, **kwargs), GloFND(9, 0.2, **kwargs)
+    positive = torch.arange(6)
+    neg = _neg_except(positive, 6, 10)
+    for step in range(4):
+        ids, sim = torch.randint(9, (6,)), torch.rand(6, 10) * 2 - 1
+        keep, lam = fused.update_and_mask(sim, ids, 0, positive, learn_epoch=3)
+        reference.update(sim, ids, 3, neg)
+        assert keep.all() and torch.equal(lam, reference.threshold[ids]), step
+        for key, value in reference.state_dict().items():
+            assert torch.equal(getattr(fused, key), value), (step, key)
+    assert (fused.steps > 0).any()
+
+
 def test_update_and_mask_matches_brute_force_adam_and_mask() -> None:
     """One step from random λ, m, v, steps, against a hand loop: g_i over the columns other than the positive, one
     Adam step per distinct id with the mean g of its rows, then the mask from the new λ (positive always kept)."""
