@@ -9,8 +9,8 @@ two points, so every same-class caption in the batch (~10% of the negatives) is 
 away from captions that mean what its own caption means. The recipe (6 epochs, batch 32, lr 1e-3, 47 warmup steps,
 no image augmentation: `--aug-cfg scale='(1,1)'`) leaves the ln B plateau in the first epoch, so seeds
 agree. Without augmentation the image tower can tie each training image to its own caption's wording, which is what
-same-class negatives push it to do; open_clip's default random crops (scale 0.9-1) blur that and, in the exploration
-logged in benchmarks/README.md, took the oracle's lead over no filter from +1.6 points to +0.3.
+same-class negatives push it to do; open_clip's default random crops (scale 0.9-1) blur that (pass `--aug-cfg
+scale='(0.9,1)'` to train with them).
 
 Writes the digits (train/, wds/digits_cls, wds/digits_ret, digits.json) and `recipe.yaml`, a `--config` file with
 the bed's data and training flags: `clip-glofnd train --config OUT_DIR/recipe.yaml --fnd glofnd --name run` trains on

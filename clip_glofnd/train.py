@@ -255,6 +255,17 @@ def _splice(cached: tuple[list[Tensor], list[Tensor]] | None, j: int, img_j: Ten
     return torch.cat(imgs), torch.cat(txts)
 
 
+def prepare_batch(batch: Batch, parts: Parts) -> tuple[Batch, Tensor, Tensor, Tensor | None]:
+    """The batch on the training device, every rank's ids [B], this rank's anchors' rows in fnd_* and loss_fn [b]
+    (`parts.store.fetch`: a step must end with `parts.store.commit()` or `discard()`), every rank's labels [B] or
+    None."""
+    batch = batch.to(parts.dist.device, non_blocking=True)
+    ids_all, = distributed.all_gather_no_grad([batch.ids], parts.dist)                  # [B]
+    state_ids = parts.store.fetch(batch.ids, ids_all)                                   # [b]
+    labels_all = None if batch.labels is None else distributed.all_gather_no_grad([batch.labels], parts.dist)[0]
+    return batch, ids_all, state_ids, labels_all
+
+
 def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     """One optimizer step on one batch; returns floats for logging (loss, temperature, filtered fractions, λ, and
     "nonfinite": 1.0 when the step was skipped).
@@ -269,11 +280,8 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     step on every rank: no weight update, and the batch's λ / u rows and the model's buffers are put back.
     """
     cfg, dist = parts.cfg, parts.dist
-    batch = batch.to(dist.device, non_blocking=True)
+    batch, ids_all, state_ids, labels_all = prepare_batch(batch, parts)
     b = len(batch)
-    ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                         # [B]
-    state_ids = parts.store.fetch(batch.ids, ids_all)                   # [b] the anchors' rows in fnd_* and loss_fn
-    labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
     micro = _micro_batches(batch, cfg.optim.accum_freq)
     undo = _before_step(parts, state_ids)
     parts.optimizer.zero_grad(set_to_none=True)

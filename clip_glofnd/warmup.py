@@ -56,11 +56,8 @@ def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
     step at `epoch` would, sync the rows over ranks; returns floats for logging (loss, filtered fractions, λ, u)."""
     from clip_glofnd import train
     cfg, dist = parts.cfg, parts.dist
-    batch = batch.to(dist.device, non_blocking=True)
+    batch, ids_all, state_ids, labels_all = train.prepare_batch(batch, parts)
     b = len(batch)
-    ids_all, = distributed.all_gather_no_grad([batch.ids], dist)                           # [B]
-    state_ids = parts.store.fetch(batch.ids, ids_all)                   # [b] the anchors' rows in fnd_* and loss_fn
-    labels_all = distributed.all_gather_no_grad([batch.labels], dist)[0] if batch.labels is not None else None
     with parts.autocast():
         img, txt, logit_scale = train._encode(parts.unwrapped, batch)                     # [b, d], [b, d], []
     img_all, txt_all = distributed.all_gather_no_grad([img, txt], dist)                   # [B, d]
