@@ -117,6 +117,9 @@ def test_targets_by_hand() -> None:
     assert one["fn_f1_10_points_over_fnd"] is False and quantile["fn_f1_10_points_over_fnd"] is True
     assert one["acc1_within_1_std_of_none"] is True and one["closes_half_of_oracle_gap"] is False   # -0.01 ≥ -0.02
     assert quantile["closes_half_of_oracle_gap"] is True and quantile["oracle_gap"] == pytest.approx(0.08)
+    assert quantile["oracle_beats_none_by_1_std"] is True                            # 0.08 > 0.02
+    rows[-1] = _row("oracle", 0.81, 0.01, 1.0, [0, .1, .1])
+    assert _reproduce.targets(rows, alpha=0.1, mask_start_epoch=1)[0]["oracle_beats_none_by_1_std"] is False
 
 
 def test_run_metrics_read_the_trainers_log_and_skip_the_warmup() -> None:
