@@ -21,6 +21,7 @@ gap (when the oracle is ahead). Results are written as measured, targets met or 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -179,13 +180,23 @@ def run_name(loss: str, variant: str, seed: int) -> str:
     return f"{loss}-{variant}-s{seed}"
 
 
+def same_settings(stored: str, argv: Sequence[str]) -> bool:
+    """Whether a run folder's config.yaml text holds the settings `argv` gives: every key equal, and a key the file
+    lacks (an option added to the trainer after that run) at its default."""
+    from clip_glofnd.config import from_flat, parse_config, to_flat
+    old = {key: json.loads(value) for key, _, value in (line.partition(": ") for line in stored.splitlines() if line)}
+    new = to_flat(parse_config(argv[1:])[0])
+    defaults = to_flat(from_flat({"train_data": new["train_data"]}))
+    return set(old) <= set(new) and all(old[k] == v if k in old else v == defaults[k] for k, v in new.items())
+
+
 def finished_run(run_dir: Path, argv: Sequence[str], epochs: int) -> dict[str, Any] | None:
-    """The records of a run folder that already holds this exact run (its config.yaml is what `argv` gives, and it
-    logged its evaluation after the last epoch), else None: a rerun with the same --runs-dir reuses finished runs."""
-    from clip_glofnd.config import dump, parse_config
+    """The records of a run folder that already holds this exact run (its config.yaml holds the settings `argv`
+    gives, and it logged its evaluation after the last epoch), else None: a rerun with the same --runs-dir reuses
+    finished runs."""
     from clip_glofnd.logger import read_jsonl
     config, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    if not (config.is_file() and metrics.is_file()) or config.read_text() != dump(parse_config(argv[1:])[0]):
+    if not (config.is_file() and metrics.is_file()) or not same_settings(config.read_text(), argv):
         return None
     records = read_jsonl(metrics)
     done = any(r.get("epoch") == epochs and any(k.startswith("zeroshot/") for k in r) for r in records)

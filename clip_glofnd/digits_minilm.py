@@ -1,4 +1,4 @@
-"""`clip-glofnd make-digits-minilm OUT_DIR`: a test bed where removing false negatives pays off within a budget.
+"""`clip-glofnd make-digits-minilm OUT_DIR`: a test bed whose same-class negatives a frozen text tower cannot absorb.
 
 The digits set (clip_glofnd.shards.make_digits: 1,500 training pairs, 10 classes, captions in 12 wordings that name
 only the class; 297 held-out images) trained with a **frozen pretrained text tower**: clip-tiny's image tower (64 px)

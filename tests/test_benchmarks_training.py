@@ -202,7 +202,8 @@ def test_each_glofnd_start_learns_from_its_epoch() -> None:
 
 def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[dict, Path], digits_dir: Path,
                                                       tmp_path: Path) -> None:
-    """A run folder with the same config.yaml and its final evaluation is reused; other flags retrain."""
+    """A run folder with the same settings and its final evaluation is reused (options its config.yaml predates
+    count at their defaults); other flags retrain."""
     r, _ = reproduce_result
     ns = reproduce_digits.parse_args(["--quick"])
     bed = _reproduce.Bed("digits", str(digits_dir / "train" / "{00000..00011}.tar"),
@@ -217,4 +218,9 @@ def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[di
     assert _reproduce.finished_run(run, argv, epochs=1)["wall_s"] == 2.5
     assert _reproduce.finished_run(run, argv, epochs=2) is None                       # not finished
     assert _reproduce.finished_run(run, argv[:-2] + ["--seed", "1"], epochs=1) is None   # another run
+    lines = (run / "config.yaml").read_text().splitlines()
+    older = [line for line in lines if not line.startswith(("state_device:", "max_nonfinite_steps:"))]
+    (run / "config.yaml").write_text("\n".join(older) + "\n")                  # a run from before those options
+    assert _reproduce.finished_run(run, argv, epochs=1) is not None               # at their defaults: the same run
+    assert _reproduce.finished_run(run, argv + ["--state-device", "cpu"], epochs=1) is None
     assert not any(run_["reused"] for run_ in r["runs"])                               # fresh folders: trained
