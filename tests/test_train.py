@@ -119,9 +119,8 @@ def assert_same_run(ckpt: dict, reference: dict, what: str) -> None:
         torch.testing.assert_close(ckpt[key], reference[key], rtol=0, atol=0, msg=lambda m: f"{what}: {key}: {m}")
 
 
-def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 epochs straight == 1 epoch, crash, --resume latest, 1 epoch: same weights, optimizer, λ/m/v, u, τ."""
+def crash_after_first_save(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    """Run `clip-glofnd` with `args` until its first checkpoint is written, then crash (as a killed job)."""
     save = train.save_checkpoints
 
     def save_then_crash(parts, state, run_dir, run=None):
@@ -130,8 +129,14 @@ def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_mod
 
     monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
     with pytest.raises(Crash):
-        cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *RESUME_FLAGS))
+        cli.main(args)
     monkeypatch.setattr(train, "save_checkpoints", save)
+
+
+def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_model: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 epochs straight == 1 epoch, crash, --resume latest, 1 epoch: same weights, optimizer, λ/m/v, u, τ."""
+    crash_after_first_save(monkeypatch, argv(digits_dir, micro_model, tmp_path, "--name", "resumed", *RESUME_FLAGS))
     assert cli.main(argv(digits_dir, micro_model, tmp_path, "--name", "resumed", "--resume", "latest",
                          *RESUME_FLAGS)) == 0
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt", weights_only=True)
@@ -355,16 +360,7 @@ def test_resume_with_another_batch_size_warns_and_continues_the_lr(digits_dir: P
     (position 2 of the 4-step cosine, the rest spread over 4 steps: 2, 2.5, 3, 3.5) and metrics.jsonl has each
     step once."""
     flags = ["--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--name", "run"]
-    save = train.save_checkpoints
-
-    def save_then_crash(parts, state, run_dir, run=None):
-        save(parts, state, run_dir, run)
-        raise Crash
-
-    monkeypatch.setattr(train, "save_checkpoints", save_then_crash)
-    with pytest.raises(Crash):
-        cli.main(argv(digits_dir, micro_model, tmp_path, *flags))
-    monkeypatch.setattr(train, "save_checkpoints", save)
+    crash_after_first_save(monkeypatch, argv(digits_dir, micro_model, tmp_path, *flags))
     run = tmp_path / "run"
     stale = run / "checkpoints" / ".epoch_latest.pt.tmp-4242"
     stale.write_bytes(b"half a checkpoint")
