@@ -39,6 +39,7 @@ VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
             "glofnd-one": ["--fnd", "glofnd", "--fnd-init", "one"],
             "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"]}
 GLOFND = ("glofnd-one", "glofnd-quantile")
+GLOFND_ONLY = ("fnd_init", "fnd_bias_correction")       # settings only --fnd glofnd reads
 MODALITIES = ("img", "txt")
 COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3"}
 
@@ -181,13 +182,16 @@ def run_name(loss: str, variant: str, seed: int) -> str:
 
 
 def same_settings(stored: str, argv: Sequence[str]) -> bool:
-    """Whether a run folder's config.yaml text holds the settings `argv` gives: every key equal, and a key the file
-    lacks (an option added to the trainer after that run) at its default."""
+    """Whether a run folder's config.yaml text holds the settings `argv` gives: every key equal, a key the file lacks
+    (an option added to the trainer after that run) at its default, and GloFND's own knobs only for --fnd glofnd
+    (a run without it never reads them: a changed default of --fnd-init leaves it the same run)."""
     from clip_glofnd.config import from_flat, parse_config, to_flat
     old = {key: json.loads(value) for key, _, value in (line.partition(": ") for line in stored.splitlines() if line)}
     new = to_flat(parse_config(argv[1:])[0])
     defaults = to_flat(from_flat({"train_data": new["train_data"]}))
-    return set(old) <= set(new) and all(old[k] == v if k in old else v == defaults[k] for k, v in new.items())
+    unread = GLOFND_ONLY if new["fnd"] != "glofnd" else ()
+    return set(old) <= set(new) and all(old[k] == v if k in old else v == defaults[k]
+                                        for k, v in new.items() if k not in unread)
 
 
 def finished_run(run_dir: Path, argv: Sequence[str], epochs: int) -> dict[str, Any] | None:

@@ -149,9 +149,10 @@ class FndConfig(_Section):
     start_epoch: int = _opt(0, "lambda starts learning at this epoch")
     mask_start_epoch: int | None = _opt(None, "negatives are filtered from this epoch on (default: --fnd-start-epoch)")
     init: Literal["one", "quantile"] = _opt(
-        "quantile", "starting lambda: quantile (default: a sample's first visit sets lambda to its mini-batch "
-                    "(1 - alpha) quantile, then Adam; README 'Python API' says why) or one (the paper's lambda = 1, "
-                    "nothing filtered until it walks down)")
+        "one", "starting lambda: one (default, the paper's lambda = 1: nothing filtered until Adam walks it down) or "
+               "quantile (a sample's first visit sets lambda to its mini-batch (1 - alpha) quantile, then Adam: for "
+               "a model whose similarities change slowly, e.g. fine-tuning with --state-warmup-epochs); README "
+               "'Python API' gives the evidence")
     bias_correction: Literal["sample", "epoch"] = _opt(
         "sample", "Adam bias correction of lambda by the sample's own number of steps, or by the absolute epoch "
                   "t = epoch + 1 (the authors' code)")

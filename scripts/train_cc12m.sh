@@ -4,7 +4,7 @@
 # 0.2 over 18 epochs, 12,423,374 samples (id space), fp16 AMP.
 #   LOSS=fastclip (default): FastCLIP-v3 (tau0 0.07, rho 6.5, lr_tau 2e-4) + GloFND alpha 1e-3 from epoch 20
 #   LOSS=sogclr:             SogCLR / FastCLIP-v1 (tau 0.03)              + GloFND alpha 5e-4 from epoch 15
-#   lambda starts at 1 as in the paper (--fnd-init one; the trainer's default is the warm start, quantile)
+#   lambda starts at 1 as in the paper (--fnd-init one, also the trainer's default; pinned here)
 #
 # Usage: scripts/train_cc12m.sh [-h|--help] [EXTRA clip-glofnd train FLAGS ...]
 #   torchrun on one node:  GPUS=8 scripts/train_cc12m.sh

@@ -223,4 +223,9 @@ def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[di
     (run / "config.yaml").write_text("\n".join(older) + "\n")                  # a run from before those options
     assert _reproduce.finished_run(run, argv, epochs=1) is not None               # at their defaults: the same run
     assert _reproduce.finished_run(run, argv + ["--state-device", "cpu"], epochs=1) is None
+    assert _reproduce.finished_run(run, argv + ["--fnd-init", "quantile"], epochs=1) is not None   # --fnd none
+    glofnd = _reproduce.train_argv(ns, bed, "clip", "glofnd-one", 0, tmp_path, "run")
+    (run / "config.yaml").write_text(dump(parse_config(glofnd[1:])[0]))
+    assert _reproduce.finished_run(run, glofnd, epochs=1) is not None
+    assert _reproduce.finished_run(run, glofnd + ["--fnd-init", "quantile"], epochs=1) is None
     assert not any(run_["reused"] for run_ in r["runs"])                               # fresh folders: trained
