@@ -6,7 +6,8 @@
 # recall), the fraction of negatives filtered against alpha, the median threshold lambda.
 # With a frozen text tower, "the digit seven" and "a handwritten 7" stay two different points, so the ~10% of
 # negatives that are the same digit push each image away from captions that mean what its own caption means: those
-# are the false negatives GloFND learns to drop.
+# are the false negatives GloFND learns to drop. GloFND runs with the warm start (--fnd-init quantile): from the
+# trainer's default lambda = 1 it would filter almost nothing within 6 epochs.
 #
 # Usage: scripts/demo.sh [-h|--help] [EXTRA clip-glofnd train FLAGS ...]   (given to both runs, e.g. --seed 1)
 # Environment: OUT  folder for the data and the runs, relative to where you run the script [demo]
