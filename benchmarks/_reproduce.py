@@ -21,7 +21,6 @@ gap (when the oracle is ahead). Results are written as measured, targets met or 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores
 
 LOSSES = ("clip", "sogclr")
 VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
@@ -40,7 +40,6 @@ VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
             "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"]}
 GLOFND = ("glofnd-one", "glofnd-quantile")
 GLOFND_ONLY = ("fnd_init", "fnd_bias_correction")       # settings only --fnd glofnd reads
-MODALITIES = ("img", "txt")
 COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3"}
 
 
@@ -115,40 +114,9 @@ def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: 
     return argv
 
 
-def _ratio(num: float, den: float) -> float | None:
-    """num / den, None when den is 0 (precision of a filter that dropped nothing)."""
-    return num / den if den else None
-
-
-def _f1(precision: float | None, recall: float | None) -> float | None:
-    """Harmonic mean; 0 when nothing true was found (recall 0, even if nothing was filtered: precision undefined);
-    None when there was nothing to find."""
-    if recall is None:
-        return None
-    if recall == 0:
-        return 0.0
-    return 2 * precision * recall / (precision + recall)
-
-
-def fn_scores(steps: list[dict[str, Any]], modalities: Sequence[str] = MODALITIES) -> dict[str, Any]:
-    """Precision, recall, F1 of the filter from summed per-step counts (the given modalities pooled); a step without
-    counts (no filter: the trainer logs none) counts 0."""
-    true = sum(r.get(f"fn_true_{m}", 0) for r in steps for m in modalities)
-    false = sum(r.get(f"fn_false_{m}", 0) for r in steps for m in modalities)
-    present = sum(r.get(f"fn_present_{m}", 0) for r in steps for m in modalities)
-    precision, recall = _ratio(true, true + false), _ratio(true, present)
-    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "true": true, "false": false,
-            "present": present}
-
-
 def _eval_value(record: dict[str, Any], prefix: str, suffix: str) -> float | None:
     """The first metric named prefix/.../suffix in an evaluation record (None if not evaluated)."""
     return next((v for k, v in record.items() if k.startswith(prefix) and k.endswith(suffix)), None)
-
-
-def _filtered(step: dict[str, Any]) -> float:
-    """Fraction of negatives filtered in one step, both anchor modalities averaged (0 without a filter)."""
-    return (step.get("filtered_img", 0.0) + step.get("filtered_txt", 0.0)) / 2
 
 
 def run_metrics(records: list[dict[str, Any]], mask_start_epoch: int) -> dict[str, Any]:
@@ -166,8 +134,8 @@ def run_metrics(records: list[dict[str, Any]], mask_start_epoch: int) -> dict[st
         "r1_i2t": _eval_value(evals[-1], "retrieval/", "/text_retrieval_recall@1"),     # image query -> text
         "fn": fn_scores(masked), **{f"fn_{m}": fn_scores(masked, [m]) for m in MODALITIES},
         "fn_per_epoch": [{"epoch": e, **fn_scores([r for r in steps if r["epoch"] == e])} for e in epochs],
-        "filtered_per_epoch": [statistics.mean(_filtered(r) for r in steps if r["epoch"] == e) for e in epochs],
-        "filtered_frac": statistics.mean(_filtered(r) for r in masked) if masked else 0.0,
+        "filtered_per_epoch": [statistics.mean(filtered_fraction(r) for r in steps if r["epoch"] == e) for e in epochs],
+        "filtered_frac": statistics.mean(filtered_fraction(r) for r in masked) if masked else 0.0,
         "last_epoch_loss": [r for r in training if "epoch_loss" in r][-1]["epoch_loss"],
         "epoch_loss": [r["epoch_loss"] for r in training if "epoch_loss" in r], "steps": len(steps)}
     if "lam_img_p50" in steps[0]:
@@ -185,8 +153,8 @@ def same_settings(stored: str, argv: Sequence[str]) -> bool:
     """Whether a run folder's config.yaml text holds the settings `argv` gives: every key equal, a key the file lacks
     (an option added to the trainer after that run) at its default, and GloFND's own knobs only for --fnd glofnd
     (a run without it never reads them: a changed default of --fnd-init leaves it the same run)."""
-    from clip_glofnd.config import from_flat, parse_config, to_flat
-    old = {key: json.loads(value) for key, _, value in (line.partition(": ") for line in stored.splitlines() if line)}
+    from clip_glofnd.config import from_flat, parse_config, to_flat, undump
+    old = undump(stored)
     new = to_flat(parse_config(argv[1:])[0])
     defaults = to_flat(from_flat({"train_data": new["train_data"]}))
     unread = GLOFND_ONLY if new["fnd"] != "glofnd" else ()

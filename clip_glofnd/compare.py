@@ -4,7 +4,7 @@ Per run: the filter (--fnd, and --fnd-init for GloFND), the last evaluation's ze
 image, image → text), and over the epochs in which masks were on: the fraction of negatives filtered, and — when
 the shards carry class labels — the filter's precision and recall against them (same class = true false negative,
 from the trainer's per-step counts fn_true / fn_false / fn_present, both anchor modalities pooled). For GloFND, the
-median λ of the samples seen after the last epoch, and α. Stdlib only: it reads JSON lines and config.yaml.
+median λ of the samples seen after the last epoch, and α. Torch-free: it reads JSON lines and config.yaml.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clip_glofnd.config import undump
 from clip_glofnd.errors import UsageError
 
 MODALITIES = ("img", "txt")
@@ -28,10 +29,7 @@ def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for path in (config_file, metrics_file):
         if not path.is_file():
             raise UsageError(f"{path}: not found; pass run folders written by clip-glofnd train (<logs>/<name>)")
-    config = {}
-    for line in config_file.read_text().splitlines():         # config.yaml is "key: <json value>" per line
-        key, _, value = line.partition(": ")
-        config[key] = json.loads(value)
+    config = undump(config_file.read_text())
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return config, [r for r in records if "phase" not in r]  # training only (not the state warm-up)
 
@@ -45,6 +43,38 @@ def _last(records: list[dict[str, Any]], suffix: str, prefix: str) -> float | No
     return None
 
 
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, None when den is 0 (precision of a filter that dropped nothing)."""
+    return num / den if den else None
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    """Harmonic mean; 0 when nothing true was found (recall 0, even if nothing was filtered: precision undefined);
+    None when there was nothing to find."""
+    if recall is None:
+        return None
+    if recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def fn_scores(steps: Sequence[dict[str, Any]], modalities: Sequence[str] = MODALITIES) -> dict[str, Any]:
+    """Precision, recall, F1 of the filter against the labels from the trainer's summed per-step counts fn_true /
+    fn_false / fn_present (the given modalities pooled); a step without counts (no filter, no labels) counts 0, so
+    an unmeasured value is None."""
+    true = sum(r.get(f"fn_true_{m}", 0) for r in steps for m in modalities)
+    false = sum(r.get(f"fn_false_{m}", 0) for r in steps for m in modalities)
+    present = sum(r.get(f"fn_present_{m}", 0) for r in steps for m in modalities)
+    precision, recall = _ratio(true, true + false), _ratio(true, present)
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "true": true, "false": false,
+            "present": present}
+
+
+def filtered_fraction(step: dict[str, Any]) -> float:
+    """Fraction of negatives filtered in one step, both anchor modalities averaged (0 without a filter)."""
+    return (step.get("filtered_img", 0.0) + step.get("filtered_txt", 0.0)) / 2
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any]:
     """The table's row of one run folder (None where not measured)."""
     config, records = _read(Path(run_dir))
@@ -53,10 +83,8 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     mask_start = config.get("fnd_start_epoch", 0) if mask_start is None else mask_start
     steps = list({r["step"]: r for r in records if "loss" in r and "epoch" in r}.values())   # last line per step
     masked = [r for r in steps if r["epoch"] >= mask_start] if variant != "none" else []
-    sums = {kind: sum(r.get(f"fn_{kind}_{m}", 0) for r in masked for m in MODALITIES)
-            for kind in ("true", "false", "present")}
-    labelled = any("fn_present_img" in r for r in masked)
-    filtered = [(r.get("filtered_img", 0) + r.get("filtered_txt", 0)) / 2 for r in masked]
+    scores = fn_scores(masked)
+    filtered = [filtered_fraction(r) for r in masked]
     lam = [_last(records, "_p50", f"lam_{m}_seen") for m in MODALITIES]
     return {
         "run": Path(run_dir).name,
@@ -65,9 +93,8 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "R@1 t→i": _last(records, "/image_retrieval_recall@1", "retrieval/"),
         "R@1 i→t": _last(records, "/text_retrieval_recall@1", "retrieval/"),
         "filtered": sum(filtered) / len(filtered) if filtered else (0.0 if variant == "none" else None),
-        "FN precision": sums["true"] / (sums["true"] + sums["false"]) if labelled and sums["true"] + sums["false"]
-        else None,
-        "FN recall": sums["true"] / sums["present"] if labelled and sums["present"] else None,
+        "FN precision": scores["precision"],
+        "FN recall": scores["recall"],
         "λ median": sum(lam) / 2 if variant == "glofnd" and None not in lam else None,
         "α": config.get("fnd_alpha") if variant in ("glofnd", "fnd") else None,
     }

@@ -470,6 +470,12 @@ def dump(cfg: TrainConfig) -> str:
     return "\n".join(f"{key}: {json.dumps(value)}" for key, value in to_flat(cfg).items()) + "\n"
 
 
+def undump(text: str) -> dict[str, Any]:
+    """The flat values of a `dump` text (a run folder's config.yaml) without YAML; ValueError on a line that is not
+    `key: <json>`."""
+    return {key: json.loads(value) for key, value in (line.split(": ", 1) for line in text.splitlines() if line)}
+
+
 def train_main(argv: Sequence[str]) -> int:
     """`clip-glofnd train`: parse and validate, then (unless --dry-run) import the trainer and run it."""
     try:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from clip_glofnd.config import undump
+
 logger = logging.getLogger(__name__)
 
 _NOT_SETTINGS = ("resume",)            # flags whose change on resume is expected, not worth a warning
@@ -98,7 +100,7 @@ def _settings(text: str) -> dict[str, Any] | str:
     """The flags of a config.yaml written by config.dump ("key: json" lines), without --resume; the text if it is
     not such a file."""
     try:
-        values = dict((key, json.loads(value)) for key, value in (line.split(": ", 1) for line in text.splitlines()))
+        values = undump(text)
     except ValueError:
         return text
     return {key: value for key, value in values.items() if key not in _NOT_SETTINGS}
