@@ -531,18 +531,27 @@ def end_of_epoch(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, m
         return
     record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "epoch_time": seconds,
                               **{f"epoch_{k}": v for k, v in means.items()}}
-    store = parts.store
-    if parts.cfg.fnd.variant == "glofnd":
-        lam = {name: store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}          # [rows held]
-        seen = {name: store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}   # updated at least once
-        for name in ("img", "txt"):
-            record.update(lambda_quantiles(lam[name], seen[name], f"lam_{name}_seen"))
-            record[f"seen_{name}"] = int(seen[name].sum())
-        if store.world > 1:
-            record["lam_stats_of"] = f"ids = {store.rank} mod {store.world} (rank 0's shard)"
-        plot_lambda(run_dir / f"lambda_epoch_{state.epoch}.png", lam["img"], seen["img"], lam["txt"], seen["txt"],
-                    title=f"{run_dir.name}: λ after epoch {state.epoch}")
+    record.update(lambda_report(parts, run_dir / f"lambda_epoch_{state.epoch}.png",
+                                f"{run_dir.name}: λ after epoch {state.epoch}"))
     log.log(record)
+
+
+def lambda_report(parts: Parts, png: Path, title: str) -> dict[str, Any]:
+    """GloFND only (else {}): λ quantiles and counts over the samples updated at least once, of the rows this rank
+    holds, for a log record — with --state-sharding by-id a 1/W sample, named under "lam_stats_of" — and the λ
+    histogram of both modalities written to `png`."""
+    if parts.cfg.fnd.variant != "glofnd":
+        return {}
+    store, record = parts.store, {}
+    lam = {name: store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}              # [rows held]
+    seen = {name: store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}       # updated at least once
+    for name in ("img", "txt"):
+        record.update(lambda_quantiles(lam[name], seen[name], f"lam_{name}_seen"))
+        record[f"seen_{name}"] = int(seen[name].sum())
+    if store.world > 1:
+        record["lam_stats_of"] = f"ids = {store.rank} mod {store.world} (rank 0's shard)"
+    plot_lambda(png, lam["img"], seen["img"], lam["txt"], seen["txt"], title=title)
+    return record
 
 
 def save_checkpoints(parts: Parts, state: Progress, run_dir: Path, run: EpochRun | None = None) -> None:

@@ -35,7 +35,7 @@ import torch
 from clip_glofnd import distributed
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import is_main
-from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
+from clip_glofnd.logger import RunLogger, progress
 
 if TYPE_CHECKING:
     from clip_glofnd.train import Parts, Progress
@@ -87,31 +87,21 @@ def _pass(parts: Parts, loader: Any, state: Progress, log: RunLogger, warmup_epo
     return steps
 
 
-def _pass_record(parts: Parts, state: Progress, warmup_epoch: int, steps: int, seconds: float) -> dict[str, Any]:
-    """The end-of-pass record: time, steps, λ quantiles over the samples seen so far, mean u of the samples set
-    (of the rows this rank holds: all of them unless --state-sharding by-id)."""
+def _pass_record(parts: Parts, state: Progress, run_dir: Path, warmup_epoch: int, steps: int, seconds: float
+                 ) -> dict[str, Any]:
+    """The end-of-pass record: time, steps, λ quantiles over the samples seen so far (and lambda_warmup.png), mean
+    u of the samples set (of the rows this rank holds: all of them unless --state-sharding by-id)."""
+    from clip_glofnd import train
     store = parts.store
     record: dict[str, Any] = {"step": state.step, "phase": PHASE, "warmup_epoch": warmup_epoch,
                               "warmup_epochs_done": warmup_epoch + 1, "warmup_steps": steps, "warmup_time": seconds}
-    if parts.cfg.fnd.variant == "glofnd":
-        for name in ("img", "txt"):
-            seen = store.table(f"fnd_{name}", "steps") > 0                               # [n] updated at least once
-            record.update(lambda_quantiles(store.table(f"fnd_{name}", "lam"), seen, f"lam_{name}_seen"))
-            record[f"seen_{name}"] = int(seen.sum())
+    record.update(train.lambda_report(parts, run_dir / "lambda_warmup.png",
+                                      f"{run_dir.name}: λ after {warmup_epoch + 1} state warm-up pass(es)"))
     for name in ("u_img", "u_txt"):
         u = store.table("loss", name) if name in store.keys["loss"] else None
         if u is not None and bool((u > 0).any()):
             record[f"{name}_set_mean"] = float(u[u > 0].mean())
     return record
-
-
-def _plot(parts: Parts, run_dir: Path, passes: int) -> None:
-    """lambda_warmup.png: the λ distributions after the passes so far (GloFND only)."""
-    if parts.cfg.fnd.variant == "glofnd":
-        lam = {name: parts.store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}
-        seen = {name: parts.store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}
-        plot_lambda(run_dir / "lambda_warmup.png", lam["img"], seen["img"], lam["txt"], seen["txt"],
-                    title=f"{run_dir.name}: λ after {passes} state warm-up pass(es)")
 
 
 def warm_up_state(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, make_loader: Callable[[int], Any],
@@ -137,8 +127,7 @@ def warm_up_state(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, 
             steps = _pass(parts, make_loader(loader_epoch(warmup_epoch)), state, log, warmup_epoch)
             state.warmup_epochs = warmup_epoch + 1
             if is_main(parts.dist):
-                log.log(_pass_record(parts, state, warmup_epoch, steps, time.perf_counter() - tick))
-                _plot(parts, run_dir, state.warmup_epochs)
+                log.log(_pass_record(parts, state, run_dir, warmup_epoch, steps, time.perf_counter() - tick))
             save(parts, state, run_dir)
     finally:
         model.train(was_training)
