@@ -106,7 +106,7 @@ def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: 
             "--fnd-mask-start-epoch", str(ns.mask_start_epoch),
             "--zeroshot-data", bed.zeroshot, *(["--retrieval-data", bed.retrieval] if bed.retrieval else []),
             "--eval-every", str(ns.epochs),
-            "--save-frequency", "0", "--logs", str(logs), "--name", name]
+            "--save-frequency", "0", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name]
     if loss != "clip":
         argv += ["--loss-gamma-decay-epochs", str(ns.epochs)]                   # γ reaches its floor in the budget
     if ns.train_num_samples:

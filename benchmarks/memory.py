@@ -8,10 +8,10 @@ real `StateStore` built as train.build_parts builds it, for rank 0 of W (no proc
 on the training device and in CPU memory, slope and constant (by-id: 40·n/W + the working rows).
 
 Bytes per step are what the real code puts into its collectives, recorded with fakes: replicated, the packed
-[b, bytes per row] tensor `distributed.sync_rows` all-gathers (ids + every holder's rows); by-id, the two
-`distributed.exchange_rows` all-to-alls of `StateStore.fetch` and `commit`, run for every rank of W on one random
-global batch of distinct ids (their sizes vary with how the batch's ids fall on the owners; mean and max over
-ranks). GloFND on both modalities plus the loss.
+[b, bytes per row] tensor `distributed.sync_rows` all-gathers (ids + every holder's rows); by-id, the fixed-size
+`distributed.exchange_rows` all-to-all of `StateStore.fetch` (W·b rows each way, so that no split size is read on
+the host), run for every rank of W on one random global batch of distinct ids; its commit all-gathers the written
+rows as the replicated placement does. GloFND on both modalities plus the loss.
 
 Prints tables and writes benchmarks/results/memory.json.
 
@@ -200,8 +200,10 @@ def extrapolate_placements(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def exchange_volume(n: int, b: int, loss: str, world: int) -> dict[str, Any]:
-    """Bytes each rank sends / receives per step with --state-sharding by-id: StateStore.fetch and commit of every
-    rank on one global batch of W·b distinct random ids, with `distributed.exchange_rows` recording its sizes."""
+    """Bytes each rank sends / receives per step in the by-id fetch (--state-sharding by-id): the fixed-size all-to-all
+    of StateStore.fetch for every rank on one global batch of W·b distinct random ids, with `distributed.exchange_rows`
+    recording its sizes (W·b rows each way: every owner answers every requester's b slots). Its commit all-gathers
+    the written rows as the replicated placement does (replicated_send / replicated_recv)."""
     ids_all = torch.randperm(max(n, world * b))[:world * b]                    # [W·b] the global batch
     sizes: list[tuple[int, int]] = []
 
@@ -217,13 +219,13 @@ def exchange_volume(n: int, b: int, loss: str, world: int) -> dict[str, Any]:
                                sharding="by-id", batch_size=b)
             sizes.clear()
             store.fetch(ids_all[rank * b:(rank + 1) * b], ids_all)
-            store.commit()
+            store.discard()
             per_rank.append({"send": sum(s for s, _ in sizes), "recv": sum(r for _, r in sizes)})
     row_bytes = 2 * (3 * 4 + 4) + (8 if loss != "clip" else 0)
     return {"batch": b, "world_size": world, "loss": loss,
             "send_mean": sum(r["send"] for r in per_rank) / world, "send_max": max(r["send"] for r in per_rank),
             "recv_mean": sum(r["recv"] for r in per_rank) / world, "recv_max": max(r["recv"] for r in per_rank),
-            "formula_each_way": 2 * b * row_bytes, "replicated_send": b * (8 + row_bytes),
+            "formula_each_way": world * b * row_bytes, "replicated_send": b * (8 + row_bytes),
             "replicated_recv": world * b * (8 + row_bytes)}
 
 

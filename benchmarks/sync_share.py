@@ -4,21 +4,20 @@ and the bytes each rank moves per step.
 W gloo processes on the CPU (torch.multiprocessing, torchrun's variables; W = 2 and 4 by default) run
 `train.train_step` on random images and captions with their own ids (rank r: rows r·b:(r+1)·b of a fresh permutation
 of the ids each step), loss SogCLR with GloFND, model `clip-tiny` by default, once with --state-sharding replicated
-(after the step one all-gather of the written rows, `distributed.sync_rows`) and once with by-id (an all-to-all
-fetching the anchors' rows from their owners before the step and one returning them after, `StateStore.fetch` /
-`commit`). Timed per step, after a barrier: the whole `train_step`, and inside it the store's `fetch` and `commit`
-(the state exchange, with the row gathers and writes around it), each wrapped with a timer that first waits at a
+(after the step one all-gather of the written rows, `distributed.sync_rows`) and once with by-id (a fixed-size
+all-to-all fetching the anchors' rows from their owners before the step, the same all-gather of the written rows
+after it, `StateStore.fetch` / `commit`). Timed per step, after a barrier: the whole `train_step`, and inside it the
+store's `fetch` and `commit` (the state exchange, with the row gathers and writes around it), each wrapped with a timer that first waits at a
 barrier for the other ranks (that wait, the ranks' skew, is reported apart: without the exchange it would move to the
 next collective). Timed alone: the same fetch + commit repeated after a barrier.
 
 Bytes per rank per step are recorded from one real step by wrapping `distributed._all_gather` (every gather of
 train_step goes through it: features, ids, labels, and the replicated state rows) and `distributed.exchange_rows`
-(the by-id all-to-alls): "send" is what this rank puts in, "recv" what it gets. Not gathers, so counted from sizes:
+(the by-id all-to-all): "send" is what this rank puts in, "recv" what it gets. Not gathers, so counted from sizes:
 the backward of the feature gather (an all-reduce of the gathered gradient on gloo, a reduce-scatter on NCCL) and
 DDP's gradient all-reduce (every trainable parameter once, float32). Sizes of the tensors entering and leaving the
 collectives, not wire bytes (those depend on the algorithm: a ring all-reduce sends ~2x its tensor). The state bytes
-are extrapolated to W = 64 from the measured bytes per anchor (replicated: each rank receives W·b rows; by-id: b of
-its own rows plus the ones it owns, b on average, each way).
+are extrapolated to W = 64 from the measured bytes per anchor (`extrapolate`).
 
 Prints tables and writes benchmarks/results/sync_share_cpu.json.
 
@@ -152,11 +151,11 @@ def measure(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> dict[st
     times: dict[str, list[float]] = {"fetch": [], "commit": [], "wait": []}
 
     def timed(name: str, call: Any) -> Any:
-        def wrapper(*args: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             distributed.barrier(dist)                                    # the other ranks' lag is not the exchange's
             middle = time.perf_counter()
-            value = call(*args)
+            value = call(*args, **kwargs)
             times["wait"].append(middle - start)
             times[name].append(time.perf_counter() - middle)
             return value
@@ -236,18 +235,20 @@ def count_bytes(parts: Any, batch: Any) -> dict[str, int]:
         distributed._all_gather, distributed.exchange_rows = gather, exchange
     sharded = parts.store.sharded
     kinds = [dtype for dtype, _, _ in calls]
-    expected = [torch.int64, torch.int64, torch.float32, torch.float32] + ([] if sharded else [torch.uint8])
-    if kinds != expected or len(exchanges) != (2 if sharded else 0):
+    expected = [torch.int64, torch.int64, torch.float32, torch.float32, torch.uint8]   # ids, labels, features, rows
+    if kinds != expected or len(exchanges) != (1 if sharded else 0):
         raise RuntimeError(f"train_step's collectives changed ({kinds}, {len(exchanges)} exchanges; expected "
                            f"{expected}); update benchmarks/sync_share.py")
     (_, ids_s, ids_r), (_, lab_s, lab_r), (_, img_s, img_r), (_, txt_s, txt_r) = calls[:4]
-    row_s, row_r = (sum(x[i] for x in exchanges) for i in (0, 1)) if sharded else calls[4][1:]
+    row_s, row_r = calls[4][1:]                                      # commit: the written rows, all-gathered
+    if sharded:                                                       # fetch: the fixed-size all-to-all (W·b rows)
+        row_s, row_r = row_s + exchanges[0][0], row_r + exchanges[0][1]
     trainable = sum(p.numel() * p.element_size() for p in parts.model.parameters() if p.requires_grad)
     return {"ids_send": ids_s, "ids_recv": ids_r, "labels_send": lab_s, "labels_recv": lab_r,
             "features_send": img_s + txt_s, "features_recv": img_r + txt_r,
             "features_grad_reduce": img_r + txt_r,                            # gloo all-reduce of the gathered grad
             "state_rows_send": row_s, "state_rows_recv": row_r,
-            "state_row_bytes_per_anchor": (row_s // len(batch)) if not sharded else exchanges[0][1] // len(batch),
+            "state_row_bytes_per_anchor": calls[4][1] // len(batch),
             "gradients_allreduce": trainable, "embed_dim": img_s // (4 * len(batch))}
 
 
@@ -280,13 +281,14 @@ def merge_ranks(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def extrapolate(row: dict[str, Any], world: int) -> dict[str, Any]:
-    """State bytes per rank per step at `world` ranks from the measured bytes per anchor: replicated, b rows out and
-    world·b in; by-id, on average b rows each way per all-to-all (its anchors' rows; the rows it owns), two of them."""
+    """State bytes per rank per step at `world` ranks from the measured bytes per anchor (with its id): both
+    placements all-gather the written rows after the step (b out, world·b in); by-id also fetches before it with a
+    fixed-size all-to-all, world·b rows (without ids) each way — every owner answers every requester's b slots, so
+    that no split size is read on the host."""
     b, per_anchor = row["batch"], row["bytes"]["state_row_bytes_per_anchor"]
+    send, recv = b * per_anchor, world * b * per_anchor
     if row["sharding"] == "by-id":
-        send = recv = 2 * b * per_anchor
-    else:
-        send, recv = b * per_anchor, world * b * per_anchor
+        send, recv = send + world * b * (per_anchor - 8), recv + world * b * (per_anchor - 8)
     return {"world_size": world, "state_rows_send": send, "state_rows_recv": recv,
             "features_send": row["bytes"]["features_send"],
             "features_recv": world * row["bytes"]["features_send"]}

@@ -53,9 +53,10 @@ TRAINERS = ("openclip", "ours_clip", "ours_glofnd")
 OPENCLIP_WRAPPER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
                     "from open_clip_train.main import main; sys.exit(main(sys.argv[2:]) or 0)")
 OPENCLIP_STEP = re.compile(r"Train Epoch: \d+ \[.*?\] .*?Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,")   # group 1: N/s
+OPENCLIP_WINDOW = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+ .*?\] .*?Batch \(t\): ([\d.]+),")   # epoch, seen, avg
 PRESETS = {
-    "full": dict(epochs=2, repeats=3, skip_steps=3, batch_size=64, train_num_samples=None),
-    "quick": dict(epochs=1, repeats=1, skip_steps=2, batch_size=32, train_num_samples=256),
+    "full": dict(epochs=3, repeats=3, skip_steps=3, batch_size=64, train_num_samples=None, log_every_n_steps=100),
+    "quick": dict(epochs=1, repeats=1, skip_steps=2, batch_size=32, train_num_samples=256, log_every_n_steps=1),
 }
 TARGET_RATIO = 1.0                     # ours with GloFND at least as fast as OpenCLIP
 
@@ -68,7 +69,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                   "or missing")
     p.add_argument("--epochs", type=int, help="epochs per run (default 2)")
     p.add_argument("--repeats", type=int, help="runs of each trainer, order alternating (default 3)")
-    p.add_argument("--skip-steps", type=int, help="first steps of each run left out of the rates (default 3)")
+    p.add_argument("--skip-steps", type=int, help="first steps of each run left out of the rates (default 3): with "
+                                                  "--log-every-n-steps N > 1, every log window that starts there")
+    p.add_argument("--log-every-n-steps", type=int, help="both trainers' log interval (default 100, OpenCLIP's; 1 "
+                                                         "times every step, but then both read the device every step)")
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
     p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: the whole digits set)")
     p.add_argument("--workers", type=int, default=1, help="data loader workers, both trainers")
@@ -85,8 +89,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for key, value in PRESETS["quick" if ns.quick else "full"].items():
         if getattr(ns, key) is None:
             setattr(ns, key, value)
-    if ns.repeats < 1 or ns.epochs < 1 or ns.batch_size < 1 or ns.skip_steps < 0:
-        p.error("--repeats, --epochs and --batch-size must be >= 1, --skip-steps >= 0")
+    if ns.repeats < 1 or ns.epochs < 1 or ns.batch_size < 1 or ns.skip_steps < 0 or ns.log_every_n_steps < 1:
+        p.error("--repeats, --epochs, --batch-size and --log-every-n-steps must be >= 1, --skip-steps >= 0")
     ns.output = ns.output or _common.RESULTS_DIR / f"throughput_{ns.device.split(':')[0]}.json"
     return ns
 
@@ -106,7 +110,7 @@ def shared_flags(ns: argparse.Namespace, num_samples: int, epochs: int) -> list[
     return ["--model", ns.model, "--batch-size", str(ns.batch_size), "--epochs", str(epochs),
             "--lr", "1e-3", "--wd", "0.1", "--warmup", "50", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
             "--precision", ns.precision, "--device", ns.device, "--workers", str(ns.workers), "--seed", "0",
-            "--train-num-samples", str(num_samples)]
+            "--train-num-samples", str(num_samples), "--log-every-n-steps", str(ns.log_every_n_steps)]
 
 
 def commands(ns: argparse.Namespace, data: dict[str, Any], logs: Path, repeat: int) -> dict[str, list[str]]:
@@ -116,7 +120,7 @@ def commands(ns: argparse.Namespace, data: dict[str, Any], logs: Path, repeat: i
     ours = [sys.executable, "-m", "clip_glofnd.cli", "train", *common, "--save-frequency", "0"]
     return {
         "openclip": [sys.executable, "-c", OPENCLIP_WRAPPER, str(MODEL_JSON), *common, "--dataset-type",
-                     "webdataset", "--log-every-n-steps", "1", "--save-frequency", "0", "--name",
+                     "webdataset", "--save-frequency", "0", "--name",
                      f"openclip-{repeat}"],
         "ours_clip": [*ours, "--fnd", "none", "--name", f"ours_clip-{repeat}"],
         "ours_glofnd": [*ours, "--fnd", "glofnd", "--fnd-alpha", str(ns.fnd_alpha), "--name", f"ours_glofnd-{repeat}"],
@@ -143,8 +147,35 @@ def ours_steps(metrics_jsonl: Path) -> list[tuple[int, float]]:
     return steps
 
 
+def openclip_windows(text: str, batch_size: int) -> list[tuple[int, float, int]]:
+    """(samples, seconds, steps) per log window from OpenCLIP's lines with --log-every-n-steps N: its meters are
+    reset at every line, so "Batch (t)" is the window's mean step time (3 decimals) and the window's steps follow
+    from the samples counter of the epoch ("[ 6400/..."). A line closes every epoch."""
+    windows, last = [], (None, 0)
+    for match in OPENCLIP_WINDOW.finditer(text):
+        epoch, seen, mean = int(match.group(1)), int(match.group(2)), float(match.group(3))
+        steps = (seen - (last[1] if last[0] == epoch else 0)) // batch_size
+        windows.append((steps * batch_size, steps * mean, steps))
+        last = (epoch, seen)
+    return windows
+
+
+def ours_windows(metrics_jsonl: Path) -> list[tuple[int, float, int]]:
+    """(samples, seconds, steps) per log window from our metrics.jsonl: the window's samples from the samples_seen
+    counter, its seconds from its samples_per_s (wall time since the previous record)."""
+    windows, seen, step = [], 0, 0
+    for line in metrics_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        if "samples_per_s" in record:
+            samples = record["samples_seen"] - seen
+            windows.append((samples, samples / record["samples_per_s"], record["step"] - step))
+            seen, step = record["samples_seen"], record["step"]
+    return windows
+
+
 def run_trainer(trainer: str, cmd: list[str], logs: Path, batch_size: int, skip: int) -> dict[str, Any]:
-    """Run one trainer to completion in its own process; its per-step times summarised (see module docstring)."""
+    """Run one trainer to completion in its own process; its per-step (or per-window) times summarised (see module
+    docstring)."""
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -153,6 +184,9 @@ def run_trainer(trainer: str, cmd: list[str], logs: Path, batch_size: int, skip:
         tail = (done.stdout + done.stderr)[-3000:]
         raise RuntimeError(f"{trainer} failed (exit {done.returncode}): {shlex.join(cmd)}\n{tail}")
     name = cmd[cmd.index("--name") + 1]
+    log_every = int(cmd[cmd.index("--log-every-n-steps") + 1])
+    if log_every > 1:
+        return _run_windows(trainer, name, done.stdout + done.stderr, logs, batch_size, skip, wall, load_before)
     if trainer == "openclip":
         steps = openclip_steps(done.stdout + done.stderr, batch_size)
     else:
@@ -166,6 +200,29 @@ def run_trainer(trainer: str, cmd: list[str], logs: Path, batch_size: int, skip:
             len(counted), "samples_counted": samples, "step_seconds_counted": seconds,
             "samples_per_s": samples / seconds, "median_samples_per_s": statistics.median(rates),
             "step_seconds": [round(s, 4) for _, s in steps],
+            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0]}
+
+
+def _run_windows(trainer: str, name: str, output: str, logs: Path, batch_size: int, skip: int, wall: float,
+                 load_before: float) -> dict[str, Any]:
+    """run_trainer's summary from log windows: the windows that start after the first `skip` steps."""
+    if trainer == "openclip":
+        windows = openclip_windows(output, batch_size)
+    else:
+        windows = ours_windows(logs / name / "metrics.jsonl")
+    counted, first = [], 1
+    for samples, seconds, steps in windows:
+        if first > skip and steps:
+            counted.append((samples, seconds, steps))
+        first += steps
+    if not counted:
+        raise RuntimeError(f"{trainer}: no log window starts after the first {skip} steps (windows {windows})")
+    samples, seconds = sum(w[0] for w in counted), sum(w[1] for w in counted)
+    rates = [w[0] / w[1] for w in counted]
+    return {"trainer": trainer, "name": name, "wall_s": wall, "steps_logged": sum(w[2] for w in windows),
+            "steps_counted": sum(w[2] for w in counted), "samples_counted": samples, "step_seconds_counted": seconds,
+            "samples_per_s": samples / seconds, "median_samples_per_s": statistics.median(rates),
+            "windows": [[w[0], round(w[1], 4), w[2]] for w in windows],
             "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0]}
 
 
@@ -280,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "machine": _common.finish_info(machine),
               "settings": {"model": ns.model, "device": ns.device, "batch_size": ns.batch_size, "epochs": ns.epochs,
                            "repeats": ns.repeats, "skip_steps": ns.skip_steps, "workers": ns.workers,
+                           "log_every_n_steps": ns.log_every_n_steps,
                            "precision": ns.precision, "train_num_samples": ns.train_num_samples or data["num_samples"],
                            "fnd_alpha": ns.fnd_alpha, "data": "digits train shards (make_digits seed 0)"},
               "runs": runs, "summary": summary, "ratios": ratios(summary, runs)}

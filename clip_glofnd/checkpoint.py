@@ -368,20 +368,21 @@ def remove_unreferenced_shards(folder: str | Path) -> None:
             shard.unlink(missing_ok=True)
 
 
-def make_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, fnd_img: Any, fnd_txt: Any,
-               loss_fn: torch.nn.Module, epoch: int, step: int, name: str, config: dict[str, Any],
-               data: dict[str, Any]) -> dict[str, Any]:
+def make_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, fnd_img: Any | None,
+               fnd_txt: Any | None, loss_fn: torch.nn.Module, epoch: int, step: int, name: str,
+               config: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint dict (see the module docstring); `epoch` = epochs completed."""
     return {
         "state_dict": plain_state_dict(model), "epoch": epoch, "step": step, "name": name, "config": config,
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "glofnd": {"img": dict(fnd_img.state_dict()), "txt": dict(fnd_txt.state_dict())},
+        "glofnd": {"img": {} if fnd_img is None else dict(fnd_img.state_dict()),       # None: no per-sample λ
+                   "txt": {} if fnd_txt is None else dict(fnd_txt.state_dict())},      # (a filter other than glofnd)
         "loss": dict(loss_fn.state_dict()), "data": dict(data), "rng": rng_state(),
     }
 
 
 def restore(ckpt: dict[str, Any], path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: Any, fnd_img: Any, fnd_txt: Any, loss_fn: torch.nn.Module) -> None:
+            scaler: Any, fnd_img: Any | None, fnd_txt: Any | None, loss_fn: torch.nn.Module) -> None:
     """Load every part of a checkpoint in place (model weights strictly: another architecture is a UsageError)."""
     from clip_glofnd.model import describe_mismatch
     target = getattr(model, "module", model)
@@ -393,8 +394,9 @@ def restore(ckpt: dict[str, Any], path: str | Path, *, model: torch.nn.Module, o
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_fn.load_state_dict(ckpt["loss"])
-        fnd_img.load_state_dict(ckpt["glofnd"]["img"])
-        fnd_txt.load_state_dict(ckpt["glofnd"]["txt"])
+        for holder, saved in ((fnd_img, ckpt["glofnd"]["img"]), (fnd_txt, ckpt["glofnd"]["txt"])):
+            if holder is not None and saved:          # a run without GloFND saved no λ; one with it starts fresh
+                holder.load_state_dict(saved)
     except (ValueError, RuntimeError, KeyError) as error:
         raise UsageError(f"--resume {path}: its optimizer / loss / GloFND state does not fit this run ({error}); "
                          f"resume with the same --loss and data") from None

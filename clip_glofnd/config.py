@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from clip_glofnd.errors import UsageError
 
-Precision = Literal["fp32", "amp", "amp_bf16"]
+Precision = Literal["auto", "fp32", "amp", "amp_bf16"]
 
 
 def _opt(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
@@ -97,8 +97,11 @@ class ModelConfig(_Section):
     aug_cfg: tuple[str, ...] = _opt((), "training image augmentation as OpenCLIP's --aug-cfg (open_clip "
                                         "AugmentationCfg), e.g. scale='(1,1)' for none on square images (default: "
                                         "open_clip's, a random resized crop of scale 0.9-1)", metavar="KEY=VALUE")
-    precision: Precision = _opt("fp32", "fp32 (default; AMP fp16 on CPU is ~13x slower), amp (fp16 autocast + "
-                                        "GradScaler, for GPUs), amp_bf16")
+    precision: Precision = _opt("auto", "auto (default: amp_bf16 on a GPU that supports bfloat16, else amp, as "
+                                        "OpenCLIP's default; fp32 on CPU, where AMP fp16 is ~13x slower), fp32, amp "
+                                        "(fp16 autocast + GradScaler), amp_bf16 (bf16 autocast, no scaler)")
+    torch_compile: bool = _opt(False, "torch.compile the model and the filter + loss (OpenCLIP's --torch-compile)",
+                               flag="--torch-compile")
     device: str | None = _opt(None, "torch device (default: cuda:LOCAL_RANK if available, else cpu)")
 
     def __post_init__(self) -> None:
@@ -226,7 +229,8 @@ class RunConfig(_Section):
     eval_dataset_root: tuple[str, ...] = _opt((), "where --eval-suite's data sets are (patterns as `clip-glofnd eval "
                                                   "--dataset-root`)")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last) when eval data are given")
-    log_every_n_steps: int = _opt(1, "write a metrics.jsonl line every N steps")
+    log_every_n_steps: int = _opt(100, "write a metrics.jsonl line every N steps and at each epoch's last step, "
+                                       "the only steps that read metrics from the device (as OpenCLIP)")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
     seed: int = _opt(0, "random seed")
 

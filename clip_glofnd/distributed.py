@@ -138,7 +138,7 @@ def gather_rows(fields: Sequence[Tensor], dist: DistInfo) -> list[Tensor]:
     of their raw bytes; on `dist.device`. The identity for one process."""
     if dist.world_size == 1:
         return list(fields)
-    return _unpack_rows(_all_gather(_pack_rows(fields).to(dist.device)), fields)
+    return unpack_rows(_all_gather(pack_rows(fields).to(dist.device)), fields)
 
 
 @torch.no_grad()
@@ -153,11 +153,11 @@ def exchange_rows(fields: Sequence[Tensor], send_splits: Sequence[int], recv_spl
     """
     if dist.world_size == 1:
         return list(fields)
-    packed = _pack_rows(fields).to(dist.device)                               # [sum(send), bytes per row]
+    packed = pack_rows(fields).to(dist.device)                               # [sum(send), bytes per row]
     received = packed.new_empty((sum(recv_splits), packed.shape[1]))          # [sum(recv), bytes per row]
     tdist.all_to_all_single(received, packed, output_split_sizes=list(recv_splits),
                             input_split_sizes=list(send_splits))
-    return _unpack_rows(received, fields)
+    return unpack_rows(received, fields)
 
 
 @torch.no_grad()
@@ -202,6 +202,45 @@ def all_true(flag: Tensor, dist: DistInfo) -> bool:
         flag = flag.to(dist.device)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
     return bool(flag)
+
+
+@torch.no_grad()
+def all_true_on_device(flag: Tensor, dist: DistInfo) -> Tensor:
+    """bool 0-d on the flag's device: True when `flag` is True on every rank (one all-reduce MIN). Nothing is read
+    on the host: the caller acts on it with tensor ops (e.g. the non-finite guard)."""
+    flag = flag.detach().reshape(()).bool()
+    if dist.world_size == 1:
+        return flag
+    value = flag.to(device=dist.device, dtype=torch.int32)
+    tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
+    return value.bool()
+
+
+def all_gather_cpu(tensor: Tensor, dist: DistInfo) -> Tensor:
+    """`tensor` (on the CPU, same shape on every rank) concatenated over ranks along dim 0, through a gloo group:
+    host data stays on the host and the GPU's queue is not touched (e.g. the loader's ids). The identity for one
+    process."""
+    if dist.world_size == 1:
+        return tensor
+    group = _cpu_group(dist)
+    parts = [torch.empty_like(tensor) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _cpu_group(dist: DistInfo) -> Any:
+    """The default group when it is gloo, else a gloo group over all ranks, made on first use (a collective call:
+    every rank reaches it at the same point) and kept for the process group's life."""
+    if dist.backend == "gloo":
+        return None
+    key = id(tdist.group.WORLD)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS.clear()
+        _CPU_GROUPS[key] = tdist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
 
 
 def is_main(dist: DistInfo) -> bool:
@@ -257,7 +296,7 @@ def _all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _pack_rows(fields: Sequence[Tensor]) -> Tensor:
+def pack_rows(fields: Sequence[Tensor]) -> Tensor:
     """[b, total bytes] uint8: the raw bytes of each field's row i side by side (fields shaped [b, ...])."""
     rows = fields[0].shape[0]
     device = fields[0].device
@@ -265,8 +304,8 @@ def _pack_rows(fields: Sequence[Tensor]) -> Tensor:
                       .view(torch.uint8) for f in fields], dim=1)                # explicit width: rows may be 0
 
 
-def _unpack_rows(packed: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Inverse of `_pack_rows` for any number of rows, with dtypes and trailing shapes taken from `like`."""
+def unpack_rows(packed: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Inverse of `pack_rows` for any number of rows, with dtypes and trailing shapes taken from `like`."""
     if packed.shape[0] == 0:                                                     # no rows: nothing to view
         return [torch.empty((0, *f.shape[1:]), dtype=f.dtype, device=packed.device) for f in like]
     out, start = [], 0

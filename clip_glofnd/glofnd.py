@@ -99,7 +99,10 @@ def adam_step(
     beta1, beta2 = betas
     m = m.lerp(grad, 1 - beta1)
     v = v * beta2 + (1 - beta2) * grad * grad
-    t = torch.as_tensor(t, dtype=torch.float64, device=lam.device)
+    if isinstance(t, Tensor):
+        t = t.to(torch.float64)
+    else:                                                                         # a fill kernel, not a host copy
+        t = torch.full((), float(t), dtype=torch.float64, device=lam.device)
     bias1 = (1 - beta1 ** t).to(lam.dtype)
     bias2_sqrt = (1 - beta2 ** t).sqrt().to(lam.dtype)
     lam = (lam - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)).clamp(-1.0, 1.0)
@@ -233,6 +236,28 @@ class GloFND:
         """
         sim, ids, positive = self._check_positive(sim, ids, positive)
         labels, candidate_labels = self._check_labels(sim, labels, candidate_labels)
+        keep, lam_rows = self.update_and_mask_unchecked(sim, ids, epoch, positive, labels, candidate_labels,
+                                                        learn_epoch)
+        return keep, self.lam[ids].to(sim.device) if lam_rows is None else lam_rows
+
+    @torch.no_grad()
+    def update_and_mask_unchecked(
+            self, sim: Tensor, ids: Tensor, epoch: int, positive: Tensor | None = None, labels: Tensor | None = None,
+            candidate_labels: Tensor | None = None, learn_epoch: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`update_and_mask` without its validation, for a caller that validated its inputs where they entered (the
+        trainer: ids are range-checked on the CPU by the loader): no host read, nothing that waits for the device, and
+        no graph break under torch.compile with init="one". sim [B, M] float (non-finite entries are allowed: they
+        count as not above λ); ids [B] integer on the state device, in [0, num_samples); positive [B] integer columns
+        on sim's device (or None); labels / candidate_labels as `keep_mask` (oracle mode). The λ rows returned are None
+        in modes other than glofnd (no per-sample state). With init="quantile" the first-visit rows are found with one
+        host read (`nonzero`).
+        """
+        if not sim.is_floating_point() or sim.dtype == torch.float64:
+            sim = sim.float()
+        if self.mode != "glofnd":
+            return self._baseline_mask(sim, epoch, positive, labels, candidate_labels), None
+        ids = ids.to(self.lam.device, torch.long)
         lam_rows = self.lam[ids].to(sim.device)                                   # [B] λ before the step
         learn_epoch = epoch if learn_epoch is None else learn_epoch
         if self._learns(sim, learn_epoch):
@@ -241,17 +266,22 @@ class GloFND:
                                      lambda rows: None if positive is None else negatives_except(
                                          positive[rows], (len(rows), sim.shape[1])))
             lam_rows = new_rows.to(sim.device)                                    # [B] λ after the step
-        if self.mode == "none" or epoch < self.mask_start_epoch or sim.numel() == 0:
+        if epoch < self.mask_start_epoch or sim.numel() == 0:
             return torch.ones(sim.shape, dtype=torch.bool, device=sim.device), lam_rows
-        if self.mode == "glofnd":
-            keep = sim <= lam_rows.nan_to_num(nan=math.inf)[:, None]              # [B, M]; NaN λ keeps all
-            if positive is not None:
-                keep.scatter_(1, positive[:, None], True)                         # the positive always stays
-            return keep, lam_rows
+        keep = sim <= lam_rows.nan_to_num(nan=math.inf)[:, None]                  # [B, M]; NaN λ keeps all
+        if positive is not None:
+            keep.scatter_(1, positive[:, None], True)                             # the positive always stays
+        return keep, lam_rows
+
+    def _baseline_mask(self, sim: Tensor, epoch: int, positive: Tensor | None, labels: Tensor | None,
+                       candidate_labels: Tensor | None) -> Tensor:
+        """The keep mask [B, M] of the stateless modes (none, fnd, oracle) for negatives = all but `positive`."""
+        if self.mode == "none" or epoch < self.mask_start_epoch or sim.numel() == 0:
+            return torch.ones(sim.shape, dtype=torch.bool, device=sim.device)
         neg = negatives_except(positive, tuple(sim.shape))                        # [B, M] baselines: build it
         if self.mode == "fnd":
-            return keep_mask_from_threshold(sim, minibatch_quantile(sim, neg, self.alpha), neg), lam_rows
-        return oracle_keep_mask(labels, candidate_labels, neg), lam_rows
+            return keep_mask_from_threshold(sim, minibatch_quantile(sim, neg, self.alpha), neg)
+        return oracle_keep_mask(labels, candidate_labels, neg)
 
     def _learns(self, sim: Tensor, epoch: int) -> bool:
         """Whether `update` changes λ at `epoch` (mode glofnd, from start_epoch on, a non-empty batch)."""
@@ -344,13 +374,16 @@ class GloFND:
             getattr(self, key).copy_(state_dict[key])
 
     def export_rows(self, ids: Tensor) -> dict[str, Tensor]:
-        """Copies of the state rows of `ids` (for distributed sync)."""
-        ids, _ = self._check_ids(ids)
+        """Copies of the state rows of `ids` (for distributed sync). No validation of the values: ids [R] integer in
+        [0, num_samples) (the trainer's are checked where they enter; a host read here would wait for the device at
+        every step)."""
+        ids = ids.to(self.lam.device, torch.long)
         return {key: getattr(self, key)[ids] for key in STATE_KEYS}
 
     def import_rows(self, ids: Tensor, rows: dict[str, Tensor]) -> None:
-        """Write `export_rows` output back; for a repeated id the first occurrence wins (same result on every rank)."""
-        ids, _ = self._check_ids(ids)
+        """Write `export_rows` output back; for a repeated id the first occurrence wins (same result on every rank).
+        Shapes are checked, id values are not (see `export_rows`)."""
+        ids = ids.to(self.lam.device, torch.long)
         for key in STATE_KEYS:
             if key not in rows or tuple(rows[key].shape) != tuple(ids.shape):
                 got = tuple(rows[key].shape) if key in rows else "missing"

@@ -159,13 +159,10 @@ def _group(ids: Tensor) -> tuple[Tensor, Tensor]:
     return slot, torch.zeros_like(ids).scatter_(0, slot, ids)
 
 
-def _metrics(values: dict[str, Tensor | float]) -> dict[str, float]:
-    """Floats for logging, with at most one host sync for all tensor values."""
-    names = [k for k, v in values.items() if isinstance(v, Tensor)]
-    fetched = torch.stack([values[k].detach().float().reshape(()) for k in names]).tolist() if names else []
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
-    out.update(zip(names, fetched))
-    return out
+def _metrics(values: dict[str, Tensor | float]) -> dict[str, Tensor | float]:
+    """Logging values, detached: 0-d tensors stay on the device (the caller reads them when it logs, so a step never
+    waits for the device for them), python numbers stay numbers."""
+    return {k: v.detach().reshape(()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
 
 
 class ClipInfoNCE(nn.Module):
@@ -187,8 +184,9 @@ class ClipInfoNCE(nn.Module):
             self, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, *, ids: Tensor | None = None,
             ids_all: Tensor | None = None, epoch: int = 0, keep_i2t: Tensor | None = None,
             keep_t2i: Tensor | None = None, offset: int = 0, logit_scale: Tensor | float | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """(loss, metrics): mean over local anchors of ½(ℓ_i2t + ℓ_t2i); metrics temperature, kept fractions."""
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """(loss, metrics): mean over local anchors of ½(ℓ_i2t + ℓ_t2i); metrics temperature, kept fractions (0-d
+        tensors: no host read)."""
         if logit_scale is None:
             raise ValueError("ClipInfoNCE needs logit_scale (the model's exp'ed logit_scale, = 1/τ)")
         _check_inputs(img, txt, img_all, txt_all, ids, ids_all, keep_i2t, keep_t2i, offset)
@@ -260,8 +258,9 @@ class _GlobalContrastive(nn.Module):
             self, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, *, ids: Tensor,
             ids_all: Tensor | None = None, epoch: int, keep_i2t: Tensor | None = None,
             keep_t2i: Tensor | None = None, offset: int = 0, logit_scale: Tensor | float | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """(loss, metrics); updates u_img/u_txt rows of `ids` (detached). `logit_scale` is ignored: τ is the loss's."""
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """(loss, metrics as 0-d tensors or floats); updates u_img/u_txt rows of `ids` (detached). `logit_scale` is
+        ignored: τ is the loss's."""
         _check_inputs(img, txt, img_all, txt_all, ids, ids_all, keep_i2t, keep_t2i, offset)
         gamma = self.gamma(epoch)
         loss_i2t, u_i2t = self._direction(img, txt_all, self.u_img, ids, keep_i2t, offset, gamma)   # [b], [b]

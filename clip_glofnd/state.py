@@ -95,6 +95,7 @@ class StateStore:
         self.keys = {name: tuple(sorted(holder.export_rows(empty))) for name, holder in self.holders.items()}
         self.tables: Rows = self._make_tables() if self.lends else {}
         self._step: Any = None                                                   # what commit() needs
+        self._pending: Any = None                                                # a commit on its way to the host
         if self.sharded and dist.world_size == 1:
             logger.info("--state-sharding by-id at world size 1: the one shard holds every row")
 
@@ -112,99 +113,140 @@ class StateStore:
 
     # ---------------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def fetch(self, ids: Tensor, ids_all: Tensor) -> Tensor:
+    def fetch(self, ids: Tensor, ids_all: Tensor, cpu_ids: Tensor | None = None) -> Tensor:
         """The ids to give the math for this rank's anchors `ids` [b]: `ids` itself in the default placement, else
         the working-row positions [b] after the rows of `ids` were copied in. `ids_all` [W·b] is the gathered batch
-        (every rank's ids, rank order; equal on all ranks), which says who needs which row."""
+        (every rank's ids, rank order; equal on all ranks), which says who needs which row.
+
+        `cpu_ids`: the same ids on the CPU as the loader gave them, validated there: the trainer passes them, and then
+        nothing here reads the device (CPU tables are indexed with them). Without them (a direct caller) the ids are
+        range-checked first, with a host read."""
         if not self.lends:
             self._step = ids
             return ids
         if self.batch_size is not None and len(ids) > self.batch_size:
             raise ValueError(f"StateStore: a batch of {len(ids)} rows, but the working rows hold --batch-size "
                              f"{self.batch_size}")
+        if cpu_ids is None:
+            self._check_ids(ids_all)
+            cpu_ids = ids.cpu()
+        self._flush()
         positions = distributed.first_occurrence(ids)                            # [b] one working row per id
         if self.sharded:
-            rows, plan = self._fetch_by_id(ids, ids_all)
+            rows = self._fetch_by_id(ids, ids_all, cpu_ids)
         else:
-            self._check_ids(ids_all, [])
-            rows, plan = self._read(ids), None
+            rows = self._read(cpu_ids if self.device == "cpu" else ids)
         for name, holder in self.holders.items():
             if self.keys[name]:
                 holder.import_rows(positions, rows[name])
-        self._step = (ids, positions, plan)
+        self._step = (ids, positions)
         return positions
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Write the rows the step updated back where they live, so that every rank reads them next (module doc)."""
+        """Write the rows the step updated back where they live, so that every rank reads them next (module doc).
+
+        One all-gather of (ids, rows) over ranks; with tables in CPU memory and a CUDA device the gathered rows come
+        back with one non-blocking copy into pinned memory and are written when the tables are next used."""
         if self._step is None:
             raise RuntimeError("StateStore.commit() without a fetch() in this step")
         step, self._step = self._step, None
         if not self.lends:
             distributed.sync_rows(list(self.holders.values()), step, self.dist)
             return
-        ids, positions, plan = step
+        ids, positions = step
         fields = [self.holders[name].export_rows(positions)[key] for name, key in self._columns()]   # [b] each
-        if self.sharded:                                                     # the fetch's all-to-all, reversed
-            serve, fetch_send, fetch_recv, order = plan
-            back = distributed.exchange_rows([field[order] for field in fields], fetch_recv, fetch_send, self.dist)
-            self._write(serve, back)                                          # [R] rows of `serve`
-        else:
-            ids_all, *gathered = distributed.gather_rows([ids.to(torch.long), *fields], self.dist)     # [W·b]
-            self._write(ids_all, gathered)
+        ids_all, *gathered = distributed.gather_rows([ids.to(torch.long), *fields], self.dist)         # [W·b]
+        if self.device == "cpu" and ids_all.device.type != "cpu":
+            packed = distributed.pack_rows([ids_all, *gathered])
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (event, host, [ids_all, *gathered])
+            return
+        self._write(ids_all, gathered)
 
     def discard(self) -> None:
         """Forget the step in flight without writing its rows back (a skipped step): lent rows never reach the
         tables; in the default placement the caller restores the rows it changed in place."""
         self._step = None
 
-    def _fetch_by_id(self, ids: Tensor, ids_all: Tensor) -> tuple[Rows, tuple[Tensor, list[int], list[int], Tensor]]:
-        """Rows of `ids` from their owners (one all-to-all), and the plan that sends them back in commit()."""
-        world, rank = self.dist.world_size, self.dist.rank
-        mine = ids_all % world == rank                                            # [W·b] rows this rank serves
-        serve = ids_all[mine]                                                     # [R] by requesting rank, in order
-        owner = ids % world                                                       # [b]
-        order = owner.argsort(stable=True)                                        # [b] local rows by owner
-        counts = torch.cat([mine.view(world, -1).sum(1), torch.bincount(owner, minlength=world)])   # [2W]
-        send, recv = self._check_ids(ids_all, [counts])[0].split(world)
-        fields = [self.tables[name][key][serve.to(self.tables[name][key].device) // world]
-                  for name, key in self._columns()]                               # [R] each
-        received = distributed.exchange_rows(fields, send.tolist(), recv.tolist(), self.dist)         # [b] by owner
+    def _flush(self) -> None:
+        """Write a commit's rows that are still on their way to host memory (waits for that copy: the price of CPU
+        tables on a GPU, one wait per step, at the next fetch)."""
+        if self._pending is None:
+            return
+        event, host, like = self._pending
+        self._pending = None
+        event.synchronize()
+        ids_all, *fields = distributed.unpack_rows(host, like)
+        self._write(ids_all, fields)
+
+    def _fetch_by_id(self, ids: Tensor, ids_all: Tensor, cpu_ids: Tensor) -> Rows:
+        """Rows of `ids` from their owners in one all-to-all of fixed size: every owner answers every requester's b
+        slots (the rows it does not own are filler the requester ignores), so no split size is read on the host.
+        Which rank needs which row follows from the gathered ids every rank has: no request travels."""
+        world, rank, b = self.dist.world_size, self.dist.rank, len(ids)
+        on_cpu = self.device == "cpu"
+        requested = distributed.all_gather_cpu(cpu_ids, self.dist) if on_cpu else ids_all      # [W·b]
+        index = torch.where(requested % world == rank, requested // world, 0)                 # [W·b] own rows
+        fields = [self.tables[name][key].index_select(0, index) for name, key in self._columns()]
+        fields = self._to_device(fields)
+        received = distributed.exchange_rows(fields, [b] * world, [b] * world, self.dist)     # [W·b] by owner
+        owner, slot = ids % world, torch.arange(b, device=ids.device)                         # [b], [b]
         rows: Rows = {name: {} for name in self.holders}
         for (name, key), value in zip(self._columns(), received):
-            rows[name][key] = torch.empty_like(value).index_copy_(0, order.to(value.device), value)  # local order
-        return rows, (serve, send.tolist(), recv.tolist(), order)
+            rows[name][key] = value.view(world, b, *value.shape[1:])[owner, slot]              # [b] local order
+        return rows
 
     def _read(self, ids: Tensor) -> Rows:
-        """Rows of `ids` from the full tables, on the training device (pinned + non_blocking from CPU to CUDA)."""
+        """Rows of `ids` from the full tables, on the training device (one non-blocking copy from pinned memory when
+        the tables are in CPU memory and training is on CUDA)."""
+        fields = [self.tables[name][key].index_select(0, ids.to(self.tables[name][key].device))
+                  for name, key in self._columns()]
         out: Rows = {name: {} for name in self.holders}
-        for name, key in self._columns():
-            table = self.tables[name][key]
-            rows = table.index_select(0, ids.to(table.device))                    # [b]
-            if table.device != self.dist.device:
-                if self.dist.device.type == "cuda":
-                    rows = rows.pin_memory()
-                rows = rows.to(self.dist.device, non_blocking=True)
-            out[name][key] = rows
+        for (name, key), value in zip(self._columns(), self._to_device(fields)):
+            out[name][key] = value
         return out
 
-    def _write(self, ids: Tensor, fields: list[Tensor]) -> None:
-        """Write rows [R] of global `ids` [R] into the tables this rank holds (first occurrence wins)."""
-        first = distributed.first_occurrence(ids)                                 # [R]
-        for (name, key), value in zip(self._columns(), fields):
-            table = self.tables[name][key]
-            index = ids.to(table.device) // self.world
-            table[index] = value[first].to(table.device, table.dtype)            # duplicates write equal values
+    def _to_device(self, fields: list[Tensor]) -> list[Tensor]:
+        """Rows read from CPU tables on the training device: packed, pinned, one non-blocking copy."""
+        if not fields or fields[0].device == self.dist.device:
+            return fields
+        packed = distributed.pack_rows(fields)
+        if self.dist.device.type == "cuda":
+            packed = packed.pin_memory()
+        return distributed.unpack_rows(packed.to(self.dist.device, non_blocking=True), fields)
 
-    def _check_ids(self, ids_all: Tensor, extra: list[Tensor]) -> list[Tensor]:
-        """ValueError (on every rank alike: ids_all is the same everywhere) for ids outside [0, num_samples); returns
-        `extra` (integer tensors) on the CPU, fetched in the same host sync."""
-        bad = ((ids_all < 0) | (ids_all >= self.num_samples)).sum()[None]
-        values = torch.cat([bad, *extra]).cpu()
-        if values[0]:
-            raise ValueError(f"StateStore: {int(values[0])} of {len(ids_all)} ids in the batch outside "
+    def _write(self, ids: Tensor, fields: list[Tensor]) -> None:
+        """Write rows [R] of global `ids` [R] into the tables this rank holds: the ids it owns (all of them when
+        replicated); for a repeated id the first occurrence wins. On the device without a host read: rows of other
+        owners are aimed at the first owned row with that row's value (or rewrite row 0 with itself)."""
+        first = distributed.first_occurrence(ids)                                 # [R]
+        values = [value[first] for value in fields]                               # duplicates carry equal rows
+        target = ids // self.world
+        if self.world > 1:
+            owned = ids % self.world == self.rank                                 # [R]
+            has = owned.any()
+            anchor = owned.int().argmax().view(1)                                 # first owned row (0 if none)
+            target = torch.where(owned, target, torch.where(has, target.index_select(0, anchor), 0))
+        for (name, key), value in zip(self._columns(), values):
+            table = self.tables[name][key]
+            value = value.to(table.device, table.dtype)
+            if self.world > 1:
+                keep = owned.to(table.device).view(-1, *[1] * (value.dim() - 1))
+                fallback = torch.where(has.to(table.device), value.index_select(0, anchor.to(table.device)), table[:1])
+                value = torch.where(keep, value, fallback)
+            table[target.to(table.device)] = value
+
+    def _check_ids(self, ids_all: Tensor) -> None:
+        """ValueError (on every rank alike: ids_all is the same everywhere) for ids outside [0, num_samples); one host
+        read (direct callers only: the trainer's ids were validated by the loader)."""
+        bad = int(((ids_all < 0) | (ids_all >= self.num_samples)).sum())
+        if bad:
+            raise ValueError(f"StateStore: {bad} of {len(ids_all)} ids in the batch outside "
                              f"[0, {self.num_samples}); --num-samples (or sizes.json) must exceed every sample id")
-        return [values[1:]] if extra else []
 
     def _columns(self) -> Iterator[tuple[str, str]]:
         """(holder, key) of every per-sample column, in a fixed order (the order rows travel in)."""
@@ -218,6 +260,7 @@ class StateStore:
         replicated, this rank's shard when sharded."""
         if not self.lends:
             return self.holders[name].state_dict()[key]
+        self._flush()
         return self.tables[name][key]
 
     def held_ids(self) -> Tensor:

@@ -21,9 +21,7 @@ folder and a duplicate id across ranks stop every rank with the same one-line er
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import random
 import time
@@ -34,53 +32,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from clip_glofnd import checkpoint, distributed, losses
+from clip_glofnd import checkpoint, distributed
 from clip_glofnd.config import TrainConfig, dump, to_flat
 from clip_glofnd.data import Batch, TrainLoader, id_places, make_train_loader, resolve_num_samples
 from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import TrainingStopped, UsageError
-from clip_glofnd.glofnd import GloFND
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
 from clip_glofnd.model import parse_aug_cfg, train_mode
-from clip_glofnd.warmup import warm_up_state
 from clip_glofnd.resume import Schedule, changed_settings, continue_schedule, keep_old_config, truncate_metrics
 from clip_glofnd.resume import lr_factor  # noqa: F401  (train.lr_factor: the schedule, importable from here too)
 from clip_glofnd.seen import SeenIds
 from clip_glofnd.shards import resolve_shards
-from clip_glofnd.state import StateStore, working_rows
+from clip_glofnd.step import LateFlags, Parts, set_lr, train_step
+from clip_glofnd.step import build_parts, filter_negatives, prepare_batch  # noqa: F401  (train.X for callers, for now)
+from clip_glofnd.warmup import warm_up_state
 
 logger = logging.getLogger(__name__)
-
-_LOGIT_SCALE_MAX = math.log(100)               # OpenCLIP clamps logit_scale to [0, ln 100] after each step
-
-
-@dataclass
-class Parts:
-    """Everything a step touches. `model` is DDP-wrapped when world_size > 1; the rest is not."""
-
-    cfg: TrainConfig
-    dist: DistInfo
-    model: nn.Module
-    loss_fn: nn.Module
-    fnd_img: GloFND                            # thresholds of image anchors (vs all texts)
-    fnd_txt: GloFND                            # thresholds of text anchors (vs all images)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    store: StateStore                          # where the per-sample rows of fnd_img, fnd_txt, loss_fn live
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        """The open_clip model without its DDP wrapper."""
-        return getattr(self.model, "module", self.model)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast for --precision amp / amp_bf16, nothing for fp32."""
-        dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
-        if self.cfg.model.precision not in dtypes:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=dtypes[self.cfg.model.precision])
 
 
 @dataclass
@@ -100,310 +69,89 @@ class Progress:
         return dict(vars(self))
 
 
-# --------------------------------------------------------------------------------------------------------- build
-def loss_options(cfg: TrainConfig) -> dict[str, Any]:
-    """create_loss keyword arguments from --loss-*; unset --loss-tau keeps each loss's own default."""
-    options: dict[str, Any] = {"gamma_min": cfg.loss.gamma_min, "gamma_decay_epochs": cfg.loss.gamma_decay_epochs,
-                               "rho": cfg.loss.rho}
-    if cfg.loss.tau is not None:
-        options.update(tau=cfg.loss.tau, tau_init=cfg.loss.tau)
-    return options
-
-
-def make_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW as OpenCLIP: no weight decay on gains, biases and logit_scale; FastCLIP's τ in its own group (--lr-tau).
-
-    Each group carries "base_lr", which the schedule scales.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
-    excluded = {id(p) for p in exclude}
-    groups = [{"params": exclude, "weight_decay": 0.0, "base_lr": cfg.optim.lr},
-              {"params": [p for _, p in named if id(p) not in excluded], "weight_decay": cfg.optim.wd,
-               "base_lr": cfg.optim.lr},
-              {"params": [p for p in loss_fn.parameters() if p.requires_grad], "weight_decay": 0.0,
-               "base_lr": cfg.loss.lr_tau}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise UsageError("nothing to train: every parameter is frozen (--lock-image and --lock-text)")
-    optim = cfg.optim
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-
-
-def build_parts(cfg: TrainConfig, dist: DistInfo, model: nn.Module, num_samples: int) -> Parts:
-    """Loss, both GloFND states and where their rows live, DDP wrapper, optimizer and scaler around a created model.
-
-    In the default placement fnd_img, fnd_txt and loss_fn hold all num_samples rows; otherwise --batch-size working
-    rows that the store fills each step (clip_glofnd/state.py)."""
-    model = model.to(dist.device)
-    rows = working_rows(num_samples, cfg.optim.batch_size, cfg.state.device, cfg.state.sharding)
-    loss_fn = losses.create_loss(cfg.loss.name, rows, **loss_options(cfg)).to(dist.device)
-    if cfg.loss.name != "clip":
-        model.logit_scale.requires_grad_(False)              # SogCLR / FastCLIP own τ
-        mirror_temperature(model, loss_fn)
-    fnd = cfg.fnd
-    fnd_kwargs = dict(alpha=fnd.alpha, lr=fnd.lr, start_epoch=fnd.start_epoch, mask_start_epoch=fnd.mask_start_epoch,
-                      mode=fnd.variant, bias_correction=fnd.bias_correction, init=fnd.init, device=dist.device)
-    fnd_img, fnd_txt = GloFND(rows, **fnd_kwargs), GloFND(rows, **fnd_kwargs)
-    store = StateStore({"fnd_img": fnd_img, "fnd_txt": fnd_txt, "loss": loss_fn}, num_samples, dist,
-                       device=cfg.state.device, sharding=cfg.state.sharding, batch_size=cfg.optim.batch_size)
-    if dist.world_size > 1:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = make_optimizer(model, loss_fn, cfg)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.model.precision == "amp")
-    return Parts(cfg, dist, model, loss_fn, fnd_img, fnd_txt, optimizer, scaler, store)
-
-
-@torch.no_grad()
-def mirror_temperature(model: nn.Module, loss_fn: nn.Module) -> None:
-    """SogCLR / FastCLIP own τ: copy log(1/τ) into the model's frozen logit_scale, so the open_clip checkpoint
-    carries the temperature the model was trained with."""
-    if isinstance(loss_fn, losses.FastCLIPLoss):
-        model.logit_scale.copy_(loss_fn.log_inv_tau)
-    elif isinstance(loss_fn, losses.SogCLRLoss):
-        model.logit_scale.fill_(-math.log(loss_fn.tau))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Every group's lr = its base_lr × factor; returns the first group's lr (the model's)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
-
-
-# ---------------------------------------------------------------------------------------------------------- step
-@torch.no_grad()
-def filter_negatives(parts: Parts, img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, batch: Batch,
-                     labels_all: Tensor | None, epoch: int, ids: Tensor | None = None,
-                     learn_epoch: int | None = None
-                     ) -> tuple[Tensor | None, Tensor | None, dict[str, Tensor]]:
-    """keep_i2t, keep_t2i [b, B] (None without a filter) and metric tensors: fraction of negatives filtered; when the
-    shards carry labels, its share of same-class pairs (fn_precision_*) and the counts fn_true_* (filtered, same
-    class), fn_false_* (filtered, other class), fn_present_* (same-class negatives); λ quantiles of the batch.
-
-    `ids` [b]: the anchors' rows in fnd_img / fnd_txt (what `parts.store.fetch` returned; default batch.ids). λ is
-    updated first and the masks use the updated λ, the order of the authors' code (vibalcam/GloFND,
-    bimodal/src/fast_clip/loss.py: `lda_im.update(...)`, then `lda_im.get_mask(...)`), in one
-    `GloFND.update_and_mask` call per modality. λ learns as at `learn_epoch` (default `epoch`; the state
-    warm-up passes a later one so that λ learns before --fnd-start-epoch).
-    """
-    if parts.cfg.fnd.variant == "none":
-        return None, None, {}
-    if parts.cfg.fnd.variant == "oracle" and batch.labels is None:
-        raise UsageError("--fnd oracle needs class labels: the shards have no `cls` member")
-    b, B = img.shape[0], img_all.shape[0]
-    positive = torch.arange(b, device=img.device) + parts.dist.rank * b               # [b] column of each positive
-    sims = {"img": img.detach().float() @ txt_all.detach().float().T,               # [b, B] image anchors vs texts
-            "txt": txt.detach().float() @ img_all.detach().float().T}               # [b, B] text anchors vs images
-    same = None
-    if batch.labels is not None:                                                       # same-class negatives [b, B]
-        same = (batch.labels[:, None] == labels_all[None, :]) & (batch.labels[:, None] >= 0)
-        same.scatter_(1, positive[:, None], False)
-    keeps, stats = {}, {}
-    for name, fnd in (("img", parts.fnd_img), ("txt", parts.fnd_txt)):
-        keeps[name], lam = fnd.update_and_mask(sims[name], batch.ids if ids is None else ids, epoch,
-                                               positive=positive, labels=batch.labels, learn_epoch=learn_epoch,
-                                               candidate_labels=labels_all)            # [b, B] True = stays, [b] λ
-        is_fn = ~keeps[name]                                                           # [b, B] filtered out (the
-        stats[f"filtered_{name}"] = is_fn.sum() / max(b * (B - 1), 1)                  # positive always stays)
-        if same is not None:                                                           # against the labels
-            stats[f"fn_precision_{name}"] = (is_fn & same).sum() / is_fn.sum().clamp_min(1)
-            stats[f"fn_true_{name}"] = (is_fn & same).sum()                            # filtered, same class
-            stats[f"fn_false_{name}"] = (is_fn & ~same).sum()                          # filtered, other class
-            stats[f"fn_present_{name}"] = same.sum()                                   # same-class negatives
-        if parts.cfg.fnd.variant == "glofnd":
-            quantiles = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], device=lam.device))   # this batch's anchors
-            stats.update({f"lam_{name}_p{p}": q for p, q in zip((10, 50, 90), quantiles)})
-    return keeps["img"], keeps["txt"], stats
-
-
-def _encode(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """(image features [b, d], text features [b, d], exp(logit_scale)) from the open_clip model's forward."""
-    out = model(batch.images, batch.texts)
-    if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
-
-
-def _micro_batches(batch: Batch, accum: int) -> list[Batch]:
-    """The batch split into `accum` consecutive micro-batches (fewer when the batch is smaller)."""
-    if accum == 1:
-        return [batch]
-    parts = [t.tensor_split(accum) if t is not None else [None] * accum
-             for t in (batch.images, batch.texts, batch.ids, batch.labels)]
-    return [Batch(*chunk) for chunk in zip(*parts) if len(chunk[2])]
-
-
-@torch.no_grad()
-def _cached_features(parts: Parts, micro: list[Batch]) -> tuple[list[Tensor], list[Tensor]] | None:
-    """Features of every micro-batch without gradient (only with accumulation)."""
-    if len(micro) == 1:
-        return None
-    with parts.autocast():
-        features = [_encode(parts.model, chunk)[:2] for chunk in micro]
-    return [f[0] for f in features], [f[1] for f in features]
-
-
-def _splice(cached: tuple[list[Tensor], list[Tensor]] | None, j: int, img_j: Tensor, txt_j: Tensor
-            ) -> tuple[Tensor, Tensor]:
-    """The local batch's features [b, d] with micro-batch j's fresh (differentiable) rows in place."""
-    if cached is None:
-        return img_j, txt_j
-    imgs, txts = list(cached[0]), list(cached[1])
-    imgs[j], txts[j] = img_j, txt_j
-    return torch.cat(imgs), torch.cat(txts)
-
-
-def prepare_batch(batch: Batch, parts: Parts) -> tuple[Batch, Tensor, Tensor, Tensor | None]:
-    """The batch on the training device, every rank's ids [B], this rank's anchors' rows in fnd_* and loss_fn [b]
-    (`parts.store.fetch`: a step must end with `parts.store.commit()` or `discard()`), every rank's labels [B] or
-    None."""
-    batch = batch.to(parts.dist.device, non_blocking=True)
-    ids_all, = distributed.all_gather_no_grad([batch.ids], parts.dist)                  # [B]
-    state_ids = parts.store.fetch(batch.ids, ids_all)                                   # [b]
-    labels_all = None if batch.labels is None else distributed.all_gather_no_grad([batch.labels], parts.dist)[0]
-    return batch, ids_all, state_ids, labels_all
-
-
-def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
-    """One optimizer step on one batch; returns floats for logging (loss, temperature, filtered fractions, λ, and
-    "nonfinite": 1.0 when the step was skipped).
-
-    With --accum-freq A > 1 (CLIP loss only; config refuses the others, whose u would be updated A times) features of
-    all micro-batches are computed without gradient first; then each micro-batch is recomputed with gradient and the
-    loss of the whole batch is backpropagated through its slice only (OpenCLIP's scheme, gradient equal to the
-    unsplit batch's). λ is updated and masks built once per step, on the whole batch; logit_scale gets its gradient
-    from the last pass only.
-
-    Non-finite guard (as AMP's GradScaler): non-finite gathered features, loss or gradients on any rank skip the
-    step on every rank: no weight update, and the batch's λ / u rows and the model's buffers are put back.
-    """
-    cfg, dist = parts.cfg, parts.dist
-    batch, ids_all, state_ids, labels_all = prepare_batch(batch, parts)
-    b = len(batch)
-    micro = _micro_batches(batch, cfg.optim.accum_freq)
-    undo = _before_step(parts, state_ids)
-    parts.optimizer.zero_grad(set_to_none=True)
-    cached = _cached_features(parts, micro)
-    for j, chunk in enumerate(micro):
-        last = j == len(micro) - 1
-        no_sync = parts.model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
-        with no_sync:
-            # forward
-            with parts.autocast():
-                img_j, txt_j, logit_scale = _encode(parts.model, chunk)                  # [b_j, d], [b_j, d], []
-            img, txt = _splice(cached, j, img_j, txt_j)                                 # [b, d] grad via slice j
-            img_all, txt_all = distributed.all_gather_with_grad([img, txt], dist)       # [B, d]
-            # false-negative filter (detached; once per step), on finite features only
-            if j == 0:
-                if not bool(torch.isfinite(img_all).all() & torch.isfinite(txt_all).all()):   # same on all ranks
-                    return _skip_step(parts, undo)
-                keep_i2t, keep_t2i, fnd_stats = filter_negatives(parts, img, txt, img_all, txt_all, batch,
-                                                                 labels_all, epoch, ids=state_ids)
-            # loss
-            loss, loss_metrics = parts.loss_fn(
-                img, txt, img_all, txt_all, ids=state_ids, ids_all=ids_all, epoch=epoch, keep_i2t=keep_i2t,
-                keep_t2i=keep_t2i, offset=dist.rank * b, logit_scale=logit_scale if last else logit_scale.detach())
-            # backward
-            parts.scaler.scale(loss).backward()
-    if not _finite_step(parts, loss):
-        return _skip_step(parts, undo)
-    _optimizer_step(parts)
-    # per-sample state: each rank wrote the rows of its own anchors; back to where they live (all ranks agree)
-    parts.store.commit()
-    values = torch.stack([loss.detach().float(), *[v.float() for v in fnd_stats.values()]]).tolist()
-    return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:])), "nonfinite": 0.0}
-
-
-@dataclass
-class _Undo:
-    """What a step writes besides weights and optimizer: the per-sample rows of its anchors and the model's floating
-    buffers (BatchNorm statistics), as they were before it."""
-
-    ids: Tensor
-    rows: list[dict[str, Tensor]]
-    buffers: list[tuple[Tensor, Tensor]]
-
-
-@torch.no_grad()
-def _before_step(parts: Parts, ids: Tensor) -> _Undo:
-    rows = [{key: value[ids.to(value.device)].clone() for key, value in holder.state_dict().items()}
-            for holder in (parts.fnd_img, parts.fnd_txt)] + [parts.loss_fn.export_rows(ids)]
-    buffers = [(buf, buf.clone()) for buf in parts.unwrapped.buffers() if buf.is_floating_point()]
-    return _Undo(ids, rows, buffers)
-
-
-@torch.no_grad()
-def _skip_step(parts: Parts, undo: _Undo) -> dict[str, float]:
-    """Drop the step's gradients and put back its per-sample rows and buffers; the metrics of a skipped step. Rows
-    lent by the store (placements other than the default) are dropped, never written back."""
-    parts.optimizer.zero_grad(set_to_none=True)
-    for holder, rows in zip((parts.fnd_img, parts.fnd_txt, parts.loss_fn), undo.rows):
-        holder.import_rows(undo.ids, rows)
-    parts.store.discard()
-    for buf, old in undo.buffers:
-        buf.copy_(old)
-    return {"loss": math.nan, "nonfinite": 1.0}
-
-
-def _finite_step(parts: Parts, loss: Tensor) -> bool:
-    """Loss and gradients finite on every rank (one all-reduce). With --precision amp the GradScaler judges the
-    gradients itself (an inf there is a scale to lower, not a fault) and only the loss is checked."""
-    flag = torch.isfinite(loss.detach()).all()
-    if not parts.scaler.is_enabled():
-        grads = [p.grad for group in parts.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            flag = flag & torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))
-    return distributed.all_true(flag, parts.dist)
-
-
-def _optimizer_step(parts: Parts) -> None:
-    """Average the loss's own gradients (FastCLIP's τ, outside DDP), clip, step, then project τ / logit_scale."""
-    loss_params = [p for p in parts.loss_fn.parameters() if p.requires_grad]
-    distributed.average_gradients(loss_params, parts.dist)
-    if parts.cfg.optim.grad_clip_norm is not None:
-        parts.scaler.unscale_(parts.optimizer)
-        params = [p for group in parts.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, parts.cfg.optim.grad_clip_norm)
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    with torch.no_grad():
-        if hasattr(parts.loss_fn, "clamp_tau_"):
-            parts.loss_fn.clamp_tau_()
-            mirror_temperature(parts.unwrapped, parts.loss_fn)
-        if parts.cfg.loss.name == "clip":
-            parts.unwrapped.logit_scale.clamp_(0, _LOGIT_SCALE_MAX)
-
-
 # --------------------------------------------------------------------------------------------------------- epoch
 class _RunningMeans:
-    """Epoch means of the summary metrics; the filter's precision only over steps that filtered something; skipped
-    (non-finite) steps do not count."""
+    """Epoch means of the summary metrics, accumulated on the device (read at the epoch's end or a checkpoint); the
+    filter's precision only over steps that filtered something; skipped (non-finite) steps do not count. Sums in
+    float64, as the python floats they replace."""
 
     KEYS = ("loss", "filtered_img", "filtered_txt", "fn_precision_img", "fn_precision_txt")
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, Tensor | float] = {}
 
-    def add(self, metrics: dict[str, float]) -> None:
-        if metrics.get("nonfinite"):
-            return
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        ok = 1.0 - torch.as_tensor(metrics["nonfinite"], dtype=torch.float64)
         for key in self.KEYS:
-            if key not in metrics or (key.startswith("fn_precision") and not metrics[f"filtered{key[12:]}"]):
+            if key not in metrics:
                 continue
-            self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
-            self.counts[key] = self.counts.get(key, 0) + 1
+            value = torch.as_tensor(metrics[key]).to(ok.device, torch.float64)
+            weight = ok if not key.startswith("fn_precision") else ok * (torch.as_tensor(
+                metrics[f"filtered{key[12:]}"]).to(ok.device) > 0)
+            self.sums[key] = self.sums.get(key, 0.0) + torch.where(weight > 0, value, 0.0)
+            self.counts[key] = self.counts.get(key, 0.0) + weight
 
     def result(self) -> dict[str, float]:
-        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+        state = self.state_dict()
+        return {key: state["sums"][key] / state["counts"][key] for key in state["sums"]}
 
     def state_dict(self) -> dict[str, dict]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        """Plain floats (one host read for all) of the keys counted at least once."""
+        keys = list(self.sums)
+        if not keys:
+            return {"sums": {}, "counts": {}}
+        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64) for k in keys]
+                             + [torch.as_tensor(self.counts[k], dtype=torch.float64) for k in keys]).tolist()
+        sums, counts = values[:len(keys)], values[len(keys):]
+        kept = [i for i, count in enumerate(counts) if count > 0]
+        return {"sums": {keys[i]: sums[i] for i in kept}, "counts": {keys[i]: int(counts[i]) for i in kept}}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.sums, self.counts = dict(state["sums"]), {k: float(v) for k, v in state["counts"].items()}
+
+
+class _Window:
+    """Step metrics between two log records, accumulated on the device and read once per log record: means over the
+    finite steps (loss, fractions, τ, γ, u), sums of the filter's counts (fn_true/false/present_*) with the precision
+    as their ratio, λ quantiles of the last finite step, the number of skipped steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.numbers: dict[str, float] = {}
+        self.finite: Tensor | float = 0.0
+        self.steps = 0
+
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        ok = 1.0 - torch.as_tensor(metrics["nonfinite"], dtype=torch.float32)
+        self.steps += 1
+        self.finite = self.finite + ok
+        for key, value in metrics.items():
+            if key in ("nonfinite", "fn_precision_img", "fn_precision_txt"):
+                continue
+            if not isinstance(value, Tensor):                              # a python number (γ): no device copy
+                self.numbers[key] = float(value)
+                continue
+            if key.startswith("lam_"):                                     # the last finite step's
+                self.sums[key] = torch.where(ok > 0, value, self.sums.get(key, torch.full_like(value, float("nan"))))
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + torch.where(ok > 0, value.double(), 0.0)
+
+    def read(self) -> tuple[int, dict[str, float]]:
+        """(finite steps, metrics) with one host read; then the window starts again."""
+        keys = list(self.sums)
+        values = torch.stack([torch.as_tensor(self.finite, dtype=torch.float64)]
+                             + [torch.as_tensor(self.sums[k], dtype=torch.float64) for k in keys]).tolist()
+        finite, out = int(values[0]), {}
+        for key, value in zip(keys, values[1:]):
+            out[key] = value if key.startswith(("lam_", "fn_")) else value / max(finite, 1)
+        for name in ("img", "txt"):
+            if f"fn_true_{name}" in out:
+                filtered = out[f"fn_true_{name}"] + out[f"fn_false_{name}"]
+                out[f"fn_precision_{name}"] = out[f"fn_true_{name}"] / max(filtered, 1.0)
+        out.update(self.numbers)
+        self.__init__()
+        return finite, out
 
 
 @dataclass
@@ -447,13 +195,16 @@ def start_epoch(parts: Parts, loader: TrainLoader, schedule: Schedule, state: Pr
 
 
 def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_dir: Path) -> dict[str, float]:
-    """Train one epoch (or its rest, after a mid-epoch resume); per-step JSONL records; checkpoints every
+    """Train one epoch (or its rest, after a mid-epoch resume); a metrics.jsonl record every --log-every-n-steps and
+    at the epoch's last step (OpenCLIP's cadence), the only steps that read metrics from the device; checkpoints every
     --save-every-n-steps; returns epoch means of loss, filtered fractions, filter precision."""
     cfg, dist, loader = parts.cfg, parts.dist, run.loader
     train_mode(parts.model)                                                  # locked towers stay in eval mode
     bar = progress(loader, total=loader.num_batches - state.batch, enabled=is_main(dist),
                    desc=f"epoch {state.epoch + 1}")
-    tick = time.perf_counter()
+    window, flags = _Window(), LateFlags(dist.device)
+    tick = window_start = time.perf_counter()
+    data_seconds = step_seconds = 0.0
     for batch in bar:
         # schedule position from (epoch, batch), not the step counter: right after a resume on another world size
         lr = set_lr(parts.optimizer, run.schedule.factor(state.epoch * loader.num_batches + state.batch,
@@ -462,48 +213,67 @@ def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_
         start = time.perf_counter()
         metrics = train_step(batch, parts, epoch=state.epoch)
         now = time.perf_counter()
+        data_seconds, step_seconds = data_seconds + start - tick, step_seconds + now - start
         state.step, state.batch = state.step + 1, state.batch + 1
         state.samples_seen += len(batch) * dist.world_size
         run.means.add(metrics)
-        speed = len(batch) * dist.world_size / max(now - tick, 1e-9)
-        if state.step % cfg.run.log_every_n_steps == 0 or metrics["nonfinite"]:
-            log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **metrics, "samples_seen": state.samples_seen,
-                     "step_time": now - start, "data_time": start - tick, "samples_per_s": speed})
-        count_nonfinite(metrics, state, cfg, lr)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{speed:.0f}", refresh=False)
+        window.add(metrics)
+        flags.push(state.step, lr, metrics["nonfinite"])
+        log_step = state.step % cfg.run.log_every_n_steps == 0 or state.batch == loader.num_batches
+        count_nonfinite(flags.ready(wait=log_step), state, cfg, log)             # late, without waiting
+        if log_step:
+            steps = window.steps
+            finite, values = window.read()
+            seconds = max(time.perf_counter() - window_start, 1e-9)
+            if finite:
+                log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **values,
+                         "samples_seen": state.samples_seen, "step_time": step_seconds / steps,
+                         "data_time": data_seconds / steps,
+                         "samples_per_s": steps * len(batch) * dist.world_size / seconds})
+            if finite and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_per_s=f"{steps * len(batch) / seconds:.0f}",
+                                refresh=False)
+            window_start, data_seconds, step_seconds = time.perf_counter(), 0.0, 0.0
         every = cfg.run.save_every_n_steps
         if every and state.step % every == 0 and state.batch < loader.num_batches:    # the epoch's end saves anyway
+            count_nonfinite(flags.ready(wait=True), state, cfg, log)
             save_checkpoints(parts, state, run_dir, run)
         tick = time.perf_counter()
+    count_nonfinite(flags.ready(wait=True), state, cfg, log)
     return run.means.result()
 
 
-def count_nonfinite(metrics: dict[str, float], state: Progress, cfg: TrainConfig, lr: float) -> None:
-    """Count a skipped non-finite step; TrainingStopped after --max-nonfinite-steps of them in a row."""
-    if not metrics.get("nonfinite"):
-        state.nonfinite_in_row = 0
-        return
-    state.nonfinite_in_row += 1
-    state.nonfinite_total += 1
-    limit = cfg.optim.max_nonfinite_steps
-    logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all; stop at %d in a row)",
-                   state.step, state.nonfinite_in_row, state.nonfinite_total, limit)
-    if state.nonfinite_in_row >= limit:
-        raise TrainingStopped(
-            f"stopped at step {state.step}: {limit} steps in a row had a non-finite loss or gradient (each skipped); "
-            f"weights, λ and u are those from before them and no checkpoint holds NaN: lower --lr (the lr was "
-            f"{lr:.3g}), set --grad-clip-norm, or check the data, then --resume latest")
+def count_nonfinite(flags: list[tuple[int, float, float]], state: Progress, cfg: TrainConfig, log: RunLogger
+                    ) -> None:
+    """Count the steps whose non-finite flags have been read ((step, lr, flag) in step order): a skipped step gets its
+    own metrics.jsonl record ("nonfinite": 1, loss null) and a warning; TrainingStopped after --max-nonfinite-steps of
+    them in a row."""
+    for step, lr, flag in flags:
+        if not flag:
+            state.nonfinite_in_row = 0
+            continue
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        limit = cfg.optim.max_nonfinite_steps
+        log.log({"step": step, "epoch": state.epoch, "lr": lr, "loss": None, "nonfinite": 1})
+        logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all; stop at %d in a "
+                       "row)", step, state.nonfinite_in_row, state.nonfinite_total, limit)
+        if state.nonfinite_in_row >= limit:
+            raise TrainingStopped(
+                f"stopped at step {step}: {limit} steps in a row had a non-finite loss or gradient (each skipped); "
+                f"weights, λ and u are those from before them and no checkpoint holds NaN: lower --lr (the lr was "
+                f"{lr:.3g}), set --grad-clip-norm, or check the data, then --resume latest")
 
 
 def check_across_ranks(batch: Batch, run: EpochRun, parts: Parts) -> None:
     """Several processes: an id that another rank already trained this epoch (or that comes twice in this step) is an
     error on every rank at once, naming its places; with --skip-bad-samples a warning (the batch is formed already,
-    so it trains). Each rank's loader drops its own repeats before batching; repeat passes are exempt."""
+    so it trains). Each rank's loader drops its own repeats before batching; repeat passes are exempt. The ids are
+    gathered on the CPU (a gloo group beside NCCL): the check never waits for the GPU."""
     if run.seen_all is None or batch.first_seen is None:
         return
-    mine = torch.where(batch.first_seen, batch.ids, torch.full_like(batch.ids, -1))                # [b]
-    gathered = distributed.all_gather_no_grad([mine.to(parts.dist.device)], parts.dist)[0].cpu()  # [B]
+    mine = torch.where(batch.first_seen, batch.ids, torch.full_like(batch.ids, -1))                # [b] CPU
+    gathered = distributed.all_gather_cpu(mine, parts.dist)                                       # [B] CPU
     ids = gathered[gathered >= 0]
     repeated = run.seen_all.add(ids)                                                              # same on all ranks
     if not bool(repeated.any()):
@@ -574,8 +344,8 @@ def save_checkpoints(parts: Parts, state: Progress, run_dir: Path, run: EpochRun
     def write() -> None:
         views = store.views(rows_in_file=not store.sharded)
         ckpt = checkpoint.make_state(
-            model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=views["fnd_img"],
-            fnd_txt=views["fnd_txt"], loss_fn=views["loss"], epoch=state.epoch, step=state.step, name=cfg.run.name,
+            model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, fnd_img=views.get("fnd_img"),
+            fnd_txt=views.get("fnd_txt"), loss_fn=views["loss"], epoch=state.epoch, step=state.step, name=cfg.run.name,
             config=to_flat(cfg), data=data)
         bad = checkpoint.nonfinite_entries({key: ckpt[key] for key in ("state_dict", "optimizer", "glofnd", "loss")})
         if bad:
@@ -708,7 +478,7 @@ def resume(cfg: TrainConfig, parts: Parts, run_dir: Path, num_samples: int) -> t
     checkpoint.check_compatible(ckpt, path, num_samples)
     views = parts.store.views(rows_in_file="state_shards" not in ckpt)
     checkpoint.restore(ckpt, path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
-                       fnd_img=views["fnd_img"], fnd_txt=views["fnd_txt"], loss_fn=views["loss"])
+                       fnd_img=views.get("fnd_img"), fnd_txt=views.get("fnd_txt"), loss_fn=views["loss"])
     for ids, rows in checkpoint.read_shards(ckpt, path):                     # sharded state: re-partitioned here
         parts.store.load_rows(ids, rows)
     changes = changed_settings(ckpt.get("config", {}), to_flat(cfg))
@@ -808,10 +578,31 @@ def summary_lines(summary: dict[str, Any]) -> Iterator[str]:
             yield f"{key:<16} {value:.4f}"
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto: amp_bf16 on a CUDA device with bfloat16 (no GradScaler, no fp16 overflow), amp there
+    otherwise (OpenCLIP's default), fp32 on any other device (AMP fp16 on a CPU is ~13x slower)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp"
+
+
+def set_gpu_defaults(device: torch.device) -> None:
+    """As OpenCLIP's trainer on CUDA: TF32 matmuls and convolutions, cuDNN autotuning (fixed input shapes)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def main(cfg: TrainConfig) -> int:
     """`clip-glofnd train` after parsing: join the process group, train, print the summary on rank 0."""
     dist = distributed.init_distributed(cfg.model.device)
     _setup_logging(dist)
+    set_gpu_defaults(dist.device)
+    cfg = replace(cfg, model=replace(cfg.model, precision=resolve_precision(cfg.model.precision, dist.device)))
     if cfg.model.precision == "amp" and dist.device.type == "cpu":
         logger.warning("--precision amp on CPU: fp16 autocast there is ~13x slower than fp32")
     try:

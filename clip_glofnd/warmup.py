@@ -31,14 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from clip_glofnd import distributed
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import is_main
 from clip_glofnd.logger import RunLogger, progress
+from clip_glofnd.step import encode, prepare_batch
 
 if TYPE_CHECKING:
-    from clip_glofnd.train import Parts, Progress
+    from clip_glofnd.step import Parts
+    from clip_glofnd.train import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +54,16 @@ def loader_epoch(warmup_epoch: int) -> int:
 
 
 @torch.no_grad()
-def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
+def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | float]:
     """One forward-only step of the frozen model: update λ (both modalities) and the loss's u on `batch` as a training
-    step at `epoch` would, sync the rows over ranks; returns floats for logging (loss, filtered fractions, λ, u)."""
+    step at `epoch` would, sync the rows over ranks; returns 0-d tensors for logging (loss, filtered fractions, λ, u),
+    read only on log steps."""
     from clip_glofnd import train
     cfg, dist = parts.cfg, parts.dist
-    batch, ids_all, state_ids, labels_all = train.prepare_batch(batch, parts)
+    batch, ids_all, state_ids, labels_all = prepare_batch(batch, parts)
     b = len(batch)
     with parts.autocast():
-        img, txt, logit_scale = train._encode(parts.unwrapped, batch)                     # [b, d], [b, d], []
+        img, txt, logit_scale = encode(parts.unwrapped, batch)                            # [b, d], [b, d], []
     img_all, txt_all = distributed.all_gather_no_grad([img, txt], dist)                   # [B, d]
     learn_epoch = max(epoch, cfg.fnd.start_epoch)                                          # λ learns during warm-up
     keep_i2t, keep_t2i, fnd_stats = train.filter_negatives(parts, img, txt, img_all, txt_all, batch, labels_all,
@@ -68,8 +72,7 @@ def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, float]:
                                        keep_i2t=keep_i2t, keep_t2i=keep_t2i, offset=dist.rank * b,
                                        logit_scale=logit_scale)                            # updates u (SogCLR/FastCLIP)
     parts.store.commit()                                                 # rows back where they live; ranks agree
-    values = torch.stack([loss.float(), *[v.float() for v in fnd_stats.values()]]).tolist()
-    return {"loss": values[0], **loss_metrics, **dict(zip(fnd_stats, values[1:]))}
+    return {"loss": loss.detach().float(), **loss_metrics, **fnd_stats}
 
 
 def _pass(parts: Parts, loader: Any, state: Progress, log: RunLogger, warmup_epoch: int) -> int:
@@ -79,11 +82,13 @@ def _pass(parts: Parts, loader: Any, state: Progress, log: RunLogger, warmup_epo
     steps = 0
     for steps, batch in enumerate(bar, start=1):
         metrics = warmup_step(batch, parts, epoch=state.epoch)
-        if steps % parts.cfg.run.log_every_n_steps == 0:
+        if steps % parts.cfg.run.log_every_n_steps == 0 or steps == loader.num_batches:     # reads the device
+            values = dict(zip(metrics, torch.stack([torch.as_tensor(v, dtype=torch.float32).to(parts.dist.device)
+                                                    for v in metrics.values()]).tolist()))
             log.log({"step": state.step, "phase": PHASE, "warmup_epoch": warmup_epoch, "warmup_step": steps,
-                     **metrics})
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                     **values})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
     return steps
 
 

@@ -92,8 +92,9 @@ def test_memory_quick_matches_dtype_sizes(tmp_path: Path) -> None:
         assert placements[device, "by-id"][f"{where}_bytes_per_sample"] == rows / 2
     working = placements["cpu", "by-id"]
     assert working["train_device_constant_bytes"] == working["batch"] * rows and working["cpu_constant_bytes"] == 0
-    for row in r["exchange"]:                                                 # each rank: its b rows + those it owns
-        assert row["send_mean"] == row["recv_mean"] == 2 * row["batch"] * rows == row["formula_each_way"]
+    for row in r["exchange"]:                                                 # fixed size: W·b rows each way
+        assert row["send_mean"] == row["recv_mean"] == row["world_size"] * row["batch"] * rows == row[
+            "formula_each_way"]
 
 
 def test_glofnd_init_global_errors_by_hand() -> None:

@@ -19,7 +19,7 @@ def test_section_defaults_are_valid_and_match_the_recipe_defaults() -> None:
         cls()                                                         # each section's defaults validate
     cfg = parse_config(DATA)[0]
     assert cfg == TrainConfig(data=DataConfig(train_data="/data/{0..9}.tar"))
-    assert (cfg.model.precision, cfg.fnd.variant, cfg.loss.name, cfg.optim.accum_freq) == ("fp32", "none", "clip", 1)
+    assert (cfg.model.precision, cfg.fnd.variant, cfg.loss.name, cfg.optim.accum_freq) == ("auto", "none", "clip", 1)
 
 
 def test_every_field_has_one_flag_with_help() -> None:

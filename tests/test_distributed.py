@@ -524,7 +524,7 @@ def test_sharded_checkpoint_resumes_two_to_one_to_four(four_ranks: list[dict[str
     assert main["state_shards"]["files"] == ["state-step1-rank0-of-2.pt", "state-step1-rank1-of-2.pt"]
     assert main["glofnd"] == {"img": {}, "txt": {}} and set(main["loss"]) == {"log_inv_tau"}
     single = one_rank[PLACED_LOSS]
-    assert chain_one["metrics"][0]["loss"] == pytest.approx(single["metrics"][1]["loss"], abs=1e-5)
+    assert float(chain_one["metrics"][0]["loss"]) == pytest.approx(float(single["metrics"][1]["loss"]), abs=1e-5)
     resumed = [r["resumed"] for r in four_ranks]
     torch.testing.assert_close(_mean_over_ranks(resumed, "loss"), [single["metrics"][2]["loss"]], atol=1e-5, rtol=0)
     _assert_state_close(_assembled([run["final"] for run in resumed]), single["final"])

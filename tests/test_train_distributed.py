@@ -40,7 +40,8 @@ SAMPLES = 64                                           # per epoch: 2 ranks × 2
 def _argv(digits: Path, model: str, logs: Path, batch_size: int, epochs: int, *extra: str) -> list[str]:
     return ["train", "--train-data", str(digits / "train" / "{00000..00011}.tar"), "--train-num-samples",
             str(SAMPLES), "--model", model, "--batch-size", str(batch_size), "--epochs", str(epochs), "--lr", "1e-3",
-            "--warmup", "1", "--workers", "0", "--logs", str(logs), "--name", "run", "--loss", "sogclr",
+            "--warmup", "1", "--workers", "0", "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run",
+            "--loss", "sogclr",
             "--fnd", "glofnd", "--fnd-alpha", "0.05", "--fnd-lr", "0.2", "--fnd-init", "one", *extra]
 
 
@@ -202,7 +203,7 @@ def test_resume_on_one_process_continues_the_state(runs: dict[str, Any]) -> None
 
 def test_sync_share_quick(tmp_path: Path) -> None:
     """benchmarks/sync_share.py --quick: 2 ranks, replicated and by-id; JSON with the command, machine, times and byte
-    counts (by-id: each rank's b rows plus the rows it owns, each way; replicated: W·b rows in)."""
+    counts (replicated: b rows out, W·b rows in; by-id: the same, plus the fixed-size fetch, W·b rows each way)."""
     out = tmp_path / "sync_share.json"
     assert sync_share.main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -219,10 +220,11 @@ def test_sync_share_quick(tmp_path: Path) -> None:
         if row["sharding"] == "replicated":                                     # id + GloFND img/txt + u (sogclr)
             assert bytes_["state_rows_send"] == b * (8 + 2 * 16 + 8)
             assert bytes_["state_rows_recv"] == WORLD * bytes_["state_rows_send"]
-        else:                                                                   # no ids: 40 B per row, 2 all-to-alls
-            assert bytes_["state_row_bytes_per_anchor"] == 2 * 16 + 8
-            assert bytes_["state_rows_send"] == bytes_["state_rows_recv"] == 2 * b * 40       # mean over the ranks
-            assert row["extrapolated"]["state_rows_recv"] == 2 * b * 40
+        else:                                                   # the same all-gather + a fixed all-to-all of W·b
+            assert bytes_["state_row_bytes_per_anchor"] == 8 + 2 * 16 + 8                  # rows of 40 B, no ids
+            assert bytes_["state_rows_send"] == b * 48 + WORLD * b * 40
+            assert bytes_["state_rows_recv"] == WORLD * b * 48 + WORLD * b * 40
+            assert row["extrapolated"]["state_rows_recv"] == 64 * b * 48 + 64 * b * 40
 
 
 # --------------------------------------------------------------- mid-epoch checkpoint, 2 processes (issue 12)

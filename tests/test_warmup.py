@@ -57,7 +57,8 @@ def argv(data: Path, model: str, logs: Path, name: str, *extra: str) -> list[str
     """64 samples, batches of 32, SogCLR with a constant γ, GloFND learning only from epoch 5."""
     return ["train", "--train-data", str(data / "{00000..00001}.tar"), "--model", model, "--batch-size", "32",
             "--epochs", "1", "--lr", "1e-3", "--warmup", "1",
-            "--workers", "0", "--logs", str(logs), "--name", name, "--loss", "sogclr", "--loss-gamma-decay-epochs",
+            "--workers", "0", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name, "--loss", "sogclr",
+            "--loss-gamma-decay-epochs",
             "0", "--loss-gamma-min", str(GAMMA), "--fnd", "glofnd", "--fnd-alpha", str(ALPHA), "--fnd-lr", "0.005",
             "--fnd-init", "quantile", "--fnd-start-epoch", "5", *extra]
 
