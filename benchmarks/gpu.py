@@ -507,7 +507,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append("")
     if "d_memory" in parts:
         lines += ["## d. Peak device memory per state placement", "", parts["d_memory"].get("skipped", ""),
-                  "| state-device | sharding | n | peak allocated MB | static MB | step ms |", "|---|---|---|---|---|---|"]
+                  "| state-device | sharding | n | peak allocated MB | static MB | step ms |",
+                  "|---|---|---|---|---|---|"]
         for r in parts["d_memory"]["rows"]:
             peak, static = r.get("peak_allocated_bytes", r.get("skipped")), r.get("static_bytes")
             peak = f"{peak / 2**20:.0f}" if isinstance(peak, int) else peak

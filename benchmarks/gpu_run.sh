@@ -23,7 +23,10 @@ case "${1:-}" in
   run)
     out="${2:?usage: bash benchmarks/gpu_run.sh run OUT_DIR [ARGS...]}"
     shift 2
-    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_run.sh: no wheels in .whl/; run 'bash benchmarks/gpu_run.sh prepare' first" >&2; exit 2; }
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+      echo "gpu_run.sh: no wheels in .whl/; run 'bash benchmarks/gpu_run.sh prepare' first" >&2
+      exit 2
+    fi
     target="$(mktemp -d)"
     "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$target" .whl/*.whl
     PYTHONPATH="$PWD:$target${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m benchmarks.gpu --out "$out" "$@"
