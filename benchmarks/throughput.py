@@ -22,6 +22,8 @@ the process wall time is in the JSON (`wall_s`) for the whole picture. OpenCLIP 
     python -m benchmarks.throughput --quick         # seconds of training + ~3 process start-ups (CI)
     python -m benchmarks.throughput --profile 20    # also cProfile 20 steps of ours (CLIP + GloFND), in-process
     python -m benchmarks.throughput --device cuda --model ViT-B-32 --precision amp_bf16 --batch-size 256 --workers 8
+    python -m benchmarks.throughput --device cuda --model ViT-B-32 --precision amp_bf16 --batch-size 256 --workers 8 \
+        --torch-compile                             # both trainers compiled (ours: once issue #17 is merged)
 
 Writes benchmarks/results/throughput_<device type>.json (commands, machine and load, per-run numbers, ratios). The
 GPU form (the same digits shards, resized by the model's preprocess) has not been run yet: no GPU was lent.
@@ -81,6 +83,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16"),
                    help="both trainers (default fp32: fp16 autocast is ~13x slower on a CPU)")
     p.add_argument("--device", default="cpu", help="torch device, both trainers (default cpu; cuda on a GPU)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="pass --torch-compile to both trainers (OpenCLIP's flag; `clip-glofnd train` takes it once "
+                        "issue #17's training step is merged)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also run ours (CLIP + GloFND) in-process under cProfile for STEPS steps; top functions go "
                         "into the JSON")
@@ -107,10 +112,11 @@ def prepare_data(folder: str | None, scratch: Path) -> dict[str, Any]:
 
 def shared_flags(ns: argparse.Namespace, num_samples: int, epochs: int) -> list[str]:
     """Flags both trainers spell the same way, with the same values."""
-    return ["--model", ns.model, "--batch-size", str(ns.batch_size), "--epochs", str(epochs),
-            "--lr", "1e-3", "--wd", "0.1", "--warmup", "50", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-            "--precision", ns.precision, "--device", ns.device, "--workers", str(ns.workers), "--seed", "0",
-            "--train-num-samples", str(num_samples), "--log-every-n-steps", str(ns.log_every_n_steps)]
+    flags = ["--model", ns.model, "--batch-size", str(ns.batch_size), "--epochs", str(epochs),
+             "--lr", "1e-3", "--wd", "0.1", "--warmup", "50", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
+             "--precision", ns.precision, "--device", ns.device, "--workers", str(ns.workers), "--seed", "0",
+             "--train-num-samples", str(num_samples), "--log-every-n-steps", str(ns.log_every_n_steps)]
+    return flags + (["--torch-compile"] if ns.torch_compile else [])
 
 
 def commands(ns: argparse.Namespace, data: dict[str, Any], logs: Path, repeat: int) -> dict[str, list[str]]:
@@ -173,12 +179,15 @@ def ours_windows(metrics_jsonl: Path) -> list[tuple[int, float, int]]:
     return windows
 
 
-def run_trainer(trainer: str, cmd: list[str], logs: Path, batch_size: int, skip: int) -> dict[str, Any]:
+def run_trainer(trainer: str, cmd: list[str], logs: Path, batch_size: int, skip: int,
+                timeout: float | None = None) -> dict[str, Any]:
     """Run one trainer to completion in its own process; its per-step (or per-window) times summarised (see module
-    docstring)."""
+    docstring).
+
+    `timeout` (seconds) kills a run that overruns (subprocess.TimeoutExpired), for callers with a deadline."""
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-3000:]
@@ -337,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "machine": _common.finish_info(machine),
               "settings": {"model": ns.model, "device": ns.device, "batch_size": ns.batch_size, "epochs": ns.epochs,
                            "repeats": ns.repeats, "skip_steps": ns.skip_steps, "workers": ns.workers,
-                           "log_every_n_steps": ns.log_every_n_steps,
+                           "log_every_n_steps": ns.log_every_n_steps, "torch_compile": ns.torch_compile,
                            "precision": ns.precision, "train_num_samples": ns.train_num_samples or data["num_samples"],
                            "fnd_alpha": ns.fnd_alpha, "data": "digits train shards (make_digits seed 0)"},
               "runs": runs, "summary": summary, "ratios": ratios(summary, runs)}

@@ -74,6 +74,10 @@ class DataConfig(_Section):
     caption_key: str = _opt("txt", "caption member ('txt') or 'json:FIELD' for a field of the sample's json")
     skip_bad_samples: bool = _opt(False, "skip (count and log) unreadable samples instead of stopping")
     dataset_resampled: bool = _opt(False, "sample shards with replacement (OpenCLIP's --dataset-resampled)")
+    image_dtype: Literal["auto", "float32", "uint8"] = _opt(
+        "auto", "images as the loader workers send them: uint8 (normalised on the training device: a quarter of the "
+                "bytes through shared memory and to the GPU; 1.4-1.6x the loader's samples/s at 224 px, "
+                "benchmarks/README) or float32 (normalised in the workers); auto: uint8 on CUDA, float32 on CPU")
 
     def __post_init__(self) -> None:
         self._check(

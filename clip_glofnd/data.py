@@ -28,6 +28,15 @@ Epoch semantics (one `TrainLoader` = one epoch, shuffle seeded by (seed, epoch))
   batches lets a new loader of the same epoch continue with the very same batches (a mid-epoch resume): the main
   process records, per worker role, how many shuffled samples it has received and whose item comes next in the
   DataLoader's round robin; the resumed workers re-read their shards up to there without decoding.
+
+Batches are formed in the workers (k <= batch_size samples per item); the main process hands an item's slice on as it
+is and joins two items only where a batch straddles them, which happens after a worker's last, partial item (from
+then on the batches stay out of step with the items until the epoch ends) or an item shortened by dropped duplicate
+ids; `TrainLoader.joined` counts those batches. With `pin_memory` (training on CUDA) the DataLoader pins every item in
+its pinning thread and a joined batch is concatenated straight into pinned memory, so each Batch the trainer copies
+with `non_blocking=True` is pinned. With `uint8` the workers stop before open_clip's ToTensor + Normalize and send
+uint8 images (a quarter of the bytes through shared memory and over PCIe); the trainer normalises on the device with
+`normalize_on_device(batch.images, *loader.mean_std)`, which gives ToTensor + Normalize's values.
 """
 from __future__ import annotations
 
@@ -36,9 +45,11 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -55,7 +66,7 @@ logger = logging.getLogger(__name__)
 class Batch:
     """One training batch; `ids` index the per-sample GloFND state."""
 
-    images: Tensor            # [b, 3, H, W] float, after the model's preprocess
+    images: Tensor            # [b, 3, H, W] float after the model's preprocess; uint8 from a uint8 loader
     texts: Tensor             # [b, ctx] long, tokenised by the model's tokenizer
     ids: Tensor               # [b] int64 global sample ids
     labels: Tensor | None     # [b] int64 when the shards carry `cls` (-1 where a sample lacks it), else None
@@ -69,6 +80,51 @@ class Batch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
         return Batch(move(self.images), move(self.texts), move(self.ids), move(self.labels), self.first_seen)
+
+
+def normalize_on_device(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """uint8 images [b, 3, H, W] as float32 (x / 255 - mean) / std on their own device: the same operations as
+    torchvision's ToTensor then Normalize, so the values equal the float loader's. mean / std: per channel (tensors on
+    the images' device, made once, spare a host-to-device copy per call)."""
+    x = images.to(torch.float32).div_(255)                                              # [b, 3, H, W]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)    # a device tensor: no copy
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+class ToUint8:
+    """A PIL preprocess (open_clip's, up to its ToTensor) followed by the image as a uint8 [3, H, W] tensor."""
+
+    def __init__(self, pil_transform: Callable) -> None:
+        self.pil_transform = pil_transform
+
+    def __call__(self, image: Any) -> Tensor:
+        array = np.array(self.pil_transform(image), dtype=np.uint8)                     # [H, W, 3]
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()                    # [3, H, W]
+
+
+def split_normalize(preprocess: Callable) -> tuple[ToUint8, tuple[float, ...], tuple[float, ...]]:
+    """(the preprocess producing uint8 images, mean, std) from a torchvision Compose ending in ToTensor, Normalize
+    (open_clip's transforms); UsageError for any other preprocess."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+        raise UsageError(f"uint8 images need a preprocess that ends in ToTensor, Normalize (open_clip's); got "
+                         f"{type(preprocess).__name__} {[type(t).__name__ for t in steps]}")
+    normalize = steps[-1]
+    return (ToUint8(Compose(steps[:-2])), tuple(float(v) for v in normalize.mean),
+            tuple(float(v) for v in normalize.std))
+
+
+def _join(chunks: list[Tensor], pin: bool) -> Tensor:
+    """The chunks as one tensor along dim 0, in pinned memory when `pin` (one copy at most: a single chunk sliced
+    from a pinned item is returned as it is; several are concatenated straight into a pinned buffer)."""
+    if len(chunks) == 1:
+        return chunks[0].pin_memory() if pin and not chunks[0].is_pinned() else chunks[0]
+    if not pin:
+        return torch.cat(chunks)
+    out = torch.empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]), dtype=chunks[0].dtype, pin_memory=True)
+    return torch.cat(chunks, out=out)
 
 
 def resolve_num_samples(pattern: str, num_samples: int | None) -> int:
@@ -301,8 +357,11 @@ class TrainLoader:
     skipped: Counter = field(default_factory=Counter)
     stats: Counter = field(default_factory=Counter)
     reads: Counter = field(default_factory=Counter)   # shard url -> samples read in the first pass (finished shards)
+    pin_memory: bool = False         # batches in pinned memory (training on CUDA, copied with non_blocking=True)
+    mean_std: tuple | None = None    # uint8 loader: (mean, std) for normalize_on_device; None: float images
 
     def __post_init__(self) -> None:
+        self.joined = 0                   # batches of this iteration joined from two or more worker items
         self._resume: dict | None = None
         self._pending: list[_Arrival] = []
         self._offset = 0                  # samples of _pending[0] already yielded
@@ -366,7 +425,7 @@ class TrainLoader:
         self.skipped.clear()
         self.stats.clear()
         self.reads.clear()
-        self._pending, self._offset = [], 0
+        self._pending, self._offset, self.joined = [], 0, 0
         self._pos = {"pass_index": 0, "emitted": [0] * self._roles(self.shards), "next_role": 0, "got": 0}
         if self.seen is not None:
             self.seen.clear()
@@ -398,7 +457,8 @@ class TrainLoader:
             cfg = replace(cfg, rotation=self._pos["next_role"], skip=tuple(self._pos["emitted"]))
         workers = self.workers if cfg.resampled else min(self.workers, len(shards))
         return DataLoader(_Stream(shards, cfg, self.preprocess, self.tokenizer), batch_size=None, num_workers=workers,
-                          generator=torch.Generator().manual_seed(_seed(*cfg.seed, "augment")))
+                          generator=torch.Generator().manual_seed(_seed(*cfg.seed, "augment")),
+                          pin_memory=self.pin_memory)
 
     def _next_size(self) -> int:
         if self.sample_cap is None:
@@ -502,7 +562,8 @@ class TrainLoader:
             if self._offset == len(head.item["ids"]):
                 self._pending.pop(0)
                 self._offset = 0
-        batch = chunks[0] if len(chunks) == 1 else {key: torch.cat([c[key] for c in chunks]) for key in _TENSORS}
+        batch = {key: _join([c[key] for c in chunks], self.pin_memory) for key in _TENSORS}
+        self.joined += len(chunks) > 1
         self.stats["samples"] += len(batch["ids"])
         self.stats["batches"] += 1
         labels = batch["labels"] if bool((batch["labels"] >= 0).any()) else None
@@ -561,7 +622,7 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
                       num_samples: int | None, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                       workers: int = 1, caption_key: str = "txt", skip_bad_samples: bool = False,
                       resampled: bool = False, train_num_samples: int | None = None,
-                      shuffle_buffer: int = 2000) -> TrainLoader:
+                      shuffle_buffer: int = 2000, pin_memory: bool = False, uint8: bool = False) -> TrainLoader:
     """Loader over `pattern` for one epoch on one rank; see the module docstring for splitting and epoch rules.
 
     Args:
@@ -570,6 +631,10 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
             counts from sizes.json, else num_samples. Required in practice with `resampled`.
         caption_key: a member extension ("txt") or "json:FIELD" for a field of the json member.
         shuffle_buffer: samples held (still encoded) per worker for shuffling.
+        pin_memory: batches in pinned memory, for `Batch.to(cuda, non_blocking=True)`; ignored (with a warning)
+            without CUDA.
+        uint8: workers send uint8 images (`preprocess` minus its ToTensor, Normalize); the trainer normalises them
+            with `normalize_on_device(batch.images, *loader.mean_std)`.
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0 or shuffle_buffer < 1:
         raise UsageError(f"need batch_size >= 1, workers >= 0, shuffle_buffer >= 1 and 0 <= rank < world_size; got "
@@ -599,8 +664,16 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
     mine_counts = [s.count for s in mine]
     expected = (None if resampled else sum(mine_counts) if None not in mine_counts
                 else round(samples_per_epoch * len(mine) / len(shards)))      # shards are assumed of even size
+    if pin_memory and not torch.cuda.is_available():
+        logger.warning("pin_memory needs CUDA, which is not available: batches are not pinned")
+        pin_memory = False
+    mean_std = None
+    if uint8:
+        preprocess, mean, std = split_normalize(preprocess)
+        mean_std = (mean, std)
     return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap, expected,
-                       seen=None if resampled else SeenIds(id_space))
+                       seen=None if resampled else SeenIds(id_space), pin_memory=pin_memory,
+                       mean_std=mean_std)
 
 
 def id_places(shards: list[Shard], gid: int, limit: int = 3) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from clip_glofnd import distributed, losses
 from clip_glofnd.config import TrainConfig
-from clip_glofnd.data import Batch
+from clip_glofnd.data import Batch, normalize_on_device
 from clip_glofnd.distributed import DistInfo
 from clip_glofnd.errors import UsageError
 from clip_glofnd.glofnd import GloFND
@@ -54,6 +54,7 @@ class Parts:
     store: StateStore                          # where the per-sample rows of fnd_img, fnd_txt (glofnd), loss_fn live
     quantile_points: Tensor = field(default_factory=lambda: torch.tensor(LAMBDA_QUANTILES))   # on the device
     filter_loss: Callable[..., Any] | None = None    # filter + loss, compiled with --torch-compile (else eager)
+    image_norm: tuple[Tensor, ...] | None = None     # (mean, std) on the device when the loader sends uint8 images
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -259,9 +260,14 @@ def splice(cached: tuple[list[Tensor], list[Tensor]] | None, j: int, img_j: Tens
 def prepare_batch(batch: Batch, parts: Parts) -> tuple[Batch, Tensor, Tensor, Tensor | None]:
     """The batch on the training device, every rank's ids [B], this rank's anchors' rows in fnd_* and loss_fn [b]
     (`parts.store.fetch`, given the ids as they came from the loader, on the CPU: a step must end with
-    `parts.store.commit()`), every rank's labels [B] or None. Copies are non-blocking (pinned batches overlap)."""
+    `parts.store.commit()`), every rank's labels [B] or None. Copies are non-blocking (pinned batches overlap);
+    uint8 images (--image-dtype) are normalised here, on the device."""
     cpu_ids = batch.ids
     batch = batch.to(parts.dist.device, non_blocking=True)
+    if batch.images.dtype == torch.uint8:                                                # --image-dtype uint8
+        if parts.image_norm is None:
+            raise UsageError("uint8 images from the loader, but no mean / std to normalise them (Parts.image_norm)")
+        batch = replace(batch, images=normalize_on_device(batch.images, *parts.image_norm))
     ids_all, = distributed.all_gather_no_grad([batch.ids], parts.dist)                  # [B]
     state_ids = parts.store.fetch(batch.ids, ids_all, cpu_ids=cpu_ids)                  # [b]
     labels_all = None if batch.labels is None else distributed.all_gather_no_grad([batch.labels], parts.dist)[0]

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from clip_glofnd import checkpoint, distributed
 from clip_glofnd.config import TrainConfig, dump, to_flat
-from clip_glofnd.data import Batch, TrainLoader, id_places, make_train_loader, resolve_num_samples
+from clip_glofnd.data import Batch, TrainLoader, id_places, make_train_loader, resolve_num_samples, split_normalize
 from clip_glofnd.distributed import DistInfo, is_main
 from clip_glofnd.errors import TrainingStopped, UsageError
 from clip_glofnd.logger import RunLogger, lambda_quantiles, plot_lambda, progress
@@ -510,7 +510,13 @@ def make_loader(cfg: TrainConfig, dist: DistInfo, preprocess: Any, tokenizer: An
                              batch_size=cfg.optim.batch_size, num_samples=num_samples, epoch=epoch,
                              seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size, workers=data.workers,
                              caption_key=data.caption_key, skip_bad_samples=data.skip_bad_samples,
-                             resampled=data.dataset_resampled, train_num_samples=data.train_num_samples)
+                             resampled=data.dataset_resampled, train_num_samples=data.train_num_samples,
+                             pin_memory=dist.device.type == "cuda", uint8=uint8_images(cfg, dist))
+
+
+def uint8_images(cfg: TrainConfig, dist: DistInfo) -> bool:
+    """--image-dtype: uint8 images from the workers (auto: on CUDA)."""
+    return cfg.data.image_dtype == "uint8" or (cfg.data.image_dtype == "auto" and dist.device.type == "cuda")
 
 
 def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
@@ -527,6 +533,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         lock_image=cfg.model.lock_image, lock_text=cfg.model.lock_text, aug_cfg=parse_aug_cfg(cfg.model.aug_cfg))
     num_samples = resolve_num_samples(cfg.data.train_data, cfg.data.num_samples)
     parts = build_parts(cfg, dist, model, num_samples)
+    if uint8_images(cfg, dist):                                   # the workers stop before ToTensor + Normalize
+        parts.image_norm = tuple(torch.tensor(v, device=dist.device) for v in split_normalize(preprocess)[1:])
     state, saved = resume(cfg, parts, run_dir, num_samples)
     log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard,
                     purge_step=state.step + 1 if saved else None)

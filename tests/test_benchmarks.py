@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import glofnd_init, memory, overhead  # noqa: E402
+from benchmarks import glofnd_init, gpu, memory, overhead  # noqa: E402
 
 FLOAT32, INT32, INT64 = 4, 4, 8                         # bytes per element, by definition of the dtypes
 GLOFND_ROW = 3 * FLOAT32 + INT32                        # λ, m, v float32 + steps int32, one anchor modality
@@ -121,7 +121,7 @@ def test_glofnd_init_quick(tmp_path: Path) -> None:
     assert len(r["runs"]) == 2 and len(r["runs"][0]["per_epoch"]) == r["settings"]["epochs"]
 
 
-@pytest.mark.parametrize("module", [overhead, memory], ids=["overhead", "memory"])
+@pytest.mark.parametrize("module", [overhead, memory, gpu], ids=["overhead", "memory", "gpu"])
 def test_readme_commands_parse(module) -> None:
     """Every `python -m benchmarks.<name> ...` line in benchmarks/README.md is accepted by that module's parser."""
     name = module.__name__.split(".")[-1]

@@ -229,3 +229,71 @@ def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[di
     assert _reproduce.finished_run(run, glofnd, epochs=1) is not None
     assert _reproduce.finished_run(run, glofnd + ["--fnd-init", "quantile"], epochs=1) is None
     assert not any(run_["reused"] for run_ in r["runs"])                               # fresh folders: trained
+
+
+# -------------------------------------------------------------------------------------------------------- gpu
+@pytest.fixture(scope="module")
+def gpu_quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    from benchmarks import gpu
+    out = tmp_path_factory.mktemp("gpu")
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    return json.loads((out / "gpu.json").read_text()), out
+
+
+def test_gpu_quick_runs_every_part(gpu_quick: tuple[dict, Path]) -> None:
+    """`python -m benchmarks.gpu --device cpu --quick`: every part measured at tiny sizes, gpu.md written."""
+    r, out = gpu_quick
+    assert r["benchmark"] == "gpu" and MACHINE_KEYS <= set(r["machine"]) and "--quick" in r["command"]
+    assert (out / "gpu.md").read_text().startswith("# benchmarks.gpu")
+    assert [item["item"] for item in r["plan"]][0] == "shards" and r["elapsed_s"] < r["budget_s"]
+    settings, parts = r["settings"], r["parts"]
+    assert r["data"]["num_samples"] == (settings["skip_steps"] + settings["steps"]) * settings["batch_size"]
+    run, = parts["a_throughput"]["runs"]                                            # quick: ours with GloFND only
+    assert run["trainer"] == "ours_glofnd" and "--fnd glofnd" in run["command"] and not run["torch_compile"]
+    assert run["steps_counted"] == settings["steps"] and run["samples_per_s"] > 0
+    b = parts["b_overhead"]
+    assert b["command"].startswith("python -m benchmarks.overhead --device cpu") and (out / b["json"]).is_file()
+    assert all(row["read_s"] > 0 and row["fused_vs_read"] == pytest.approx(row["fused_one_s"] / row["read_s"])
+               for row in b["rows"])
+    rows = parts["c_syncs"]["rows"]
+    assert {(row["loss"], row["fnd"]) for row in rows} == {(loss, fnd) for loss in ("clip", "sogclr", "fastclip")
+                                                           for fnd in ("none", "glofnd")}
+    assert all(row["syncs_per_step"] == "n/a (CPU)" and row["steps"] == settings["sync_steps"] for row in rows)
+    rows = parts["d_memory"]["rows"]
+    assert [(row["state_device"], row["state_sharding"]) for row in rows] == [
+        ("train", "replicated"), ("cpu", "replicated"), ("train", "by-id"), ("cpu", "by-id")]
+    assert all(row["step_s"] > 0 and row["peak_allocated_bytes"] == "n/a (CPU)" for row in rows)
+
+
+def test_gpu_budget_skips_parts_with_notes(tmp_path: Path) -> None:
+    """A budget that fits nothing: every part is skipped with a note, and the JSON is still written."""
+    from benchmarks import gpu
+    assert gpu.main(["--device", "cpu", "--quick", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
+    assert parts["a_throughput"]["runs"][0]["skipped"].startswith("skipped: ours_glofnd needs")
+    assert all(parts[key]["skipped"].startswith("skipped:") for key in ("b_overhead", "c_syncs", "d_memory"))
+
+
+def test_gpu_fails_fast_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import gpu
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.main(["--out", str(tmp_path)])
+    message = str(exit_info.value)
+    assert "CUDA is not available" in message and "\n" not in message and not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_sync_capture_counts_each_warning_with_its_source() -> None:
+    """capture_syncs records every synchronizing-call warning (not only the first) and where it was raised."""
+    import warnings
+
+    from benchmarks import gpu
+
+    def step() -> None:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)   # the line sources name
+        warnings.warn("something else", UserWarning)
+
+    seen = gpu.capture_syncs(step)
+    assert len(seen) == 3 and len(set(seen)) == 1 and "tests/test_benchmarks_training.py:" in seen[0]
+    assert "(step)" in seen[0]

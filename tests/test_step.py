@@ -248,3 +248,32 @@ def test_inductor_step_runs(tmp_path: Path) -> None:
     parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd", torch_compile=True), DistInfo())
     for batch in batches(3):
         assert torch.isfinite(step.train_step(batch, parts, epoch=0)["loss"])
+
+
+# ------------------------------------------------------------------------------------------------------- input
+def test_uint8_images_are_normalised_on_the_device_as_the_float_loader_would(tmp_path: Path) -> None:
+    """--image-dtype uint8: the step normalises the batch itself; loss and λ equal a step on the float images."""
+    from clip_glofnd.data import normalize_on_device
+    mean, std = torch.tensor([0.48, 0.46, 0.41]), torch.tensor([0.27, 0.26, 0.28])
+    raw = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = []
+    for images in (raw, normalize_on_device(raw, mean, std)):
+        parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd"), DistInfo())
+        parts.image_norm = (mean, std)
+        batch = Batch(images, torch.randint(1, 400, (8, 16), generator=torch.Generator().manual_seed(2)),
+                      torch.arange(8), None)
+        out.append((step.train_step(batch, parts, epoch=0)["loss"], parts.fnd_img.threshold[:8].clone()))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    parts.image_norm = None
+    with pytest.raises(Exception, match="uint8 images"):
+        step.train_step(Batch(raw, torch.randint(1, 400, (8, 16)), torch.arange(8), None), parts, epoch=0)
+
+
+def test_gpu_defaults_resolve_by_device() -> None:
+    from clip_glofnd.train import resolve_precision, uint8_images
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("amp", cpu) == "amp"
+    cfg = from_flat({"train_data": "x"})
+    assert not uint8_images(cfg, DistInfo(device=cpu)) and uint8_images(cfg, DistInfo(device=cuda))
+    assert uint8_images(from_flat({"train_data": "x", "image_dtype": "uint8"}), DistInfo(device=cpu))
+    assert not uint8_images(from_flat({"train_data": "x", "image_dtype": "float32"}), DistInfo(device=cuda))
