@@ -229,7 +229,7 @@ class RunConfig(_Section):
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last) when eval data are given")
     log_every_n_steps: int = _opt(1, "write a metrics.jsonl line (and --report-to's points) every N steps")
     report_to: str = _opt("none", "also report to: a comma list of tensorboard, wandb, all (both) or none, as "
-                                  "OpenCLIP's --report-to; wandb needs pip install 'clip_glofnd[wandb]'",
+                                  "OpenCLIP's --report-to; each needs its extra: pip install -e '.[wandb]'",
                           metavar="tensorboard,wandb|all|none")
     wandb_project_name: str = _opt("clip-glofnd", "W&B project of the run (--report-to wandb)")
     wandb_notes: str | None = _opt(None, "W&B notes of the run (--report-to wandb)")

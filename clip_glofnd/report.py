@@ -38,8 +38,8 @@ def check_installed(reporters: Iterable[str]) -> None:
     """UsageError naming the extra to install for the first reporter whose package is missing (no import)."""
     for name in sorted(reporters):
         if importlib.util.find_spec(EXTRAS[name]) is None:
-            raise UsageError(f"--report-to {name} needs the {EXTRAS[name]} package: pip install "
-                             f"'clip_glofnd[{EXTRAS[name]}]'")
+            raise UsageError(f"--report-to {name} needs the {EXTRAS[name]} package: pip install -e '.[{EXTRAS[name]}]' "
+                             f"in the clip_glofnd checkout (its {EXTRAS[name]} extra)")
 
 
 def _png_pixels(path: Path) -> np.ndarray:
@@ -82,6 +82,7 @@ class WandbSink:
                  resumed: bool) -> None:
         check_installed(["wandb"])
         import wandb
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.info = run_dir / "wandb.json"
         earlier = _read_info(self.info) if resumed else None
         self.id = earlier["id"] if earlier else _new_id()

@@ -97,7 +97,8 @@ def test_dataclass_argparse_round_trip() -> None:
 @pytest.mark.parametrize("argv, reporters", [
     ([], set()), (["--report-to", "none"], set()), (["--report-to", ""], set()),
     (["--report-to", "tensorboard"], {"tensorboard"}), (["--report-to", "wandb"], {"wandb"}),
-    (["--report-to", "wandb,tensorboard"], {"tensorboard", "wandb"}), (["--report-to", "all"], {"tensorboard", "wandb"}),
+    (["--report-to", "wandb,tensorboard"], {"tensorboard", "wandb"}),
+    (["--report-to", "all"], {"tensorboard", "wandb"}),
     (["--tensorboard"], {"tensorboard"}), (["--tensorboard", "--report-to", "wandb"], {"tensorboard", "wandb"}),
 ])
 def test_report_to_as_open_clip_with_the_tensorboard_alias(argv: list[str], reporters: set[str],

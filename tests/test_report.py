@@ -63,7 +63,8 @@ def wandb_records(path: Path) -> list[Any]:
 
 def wandb_runs(folder: Path) -> list[dict[str, Any]]:
     """Every offline run under `folder`/wandb, in the order they started: id, project, name, notes, config and the
-    history rows {key: value} (media as a dict: histograms {"_type", "bins", "values"}, images {"_type", "path", ...})."""
+    history rows {key: value} (media as dicts: histograms {"_type", "bins", "values"}, images {"_type", "path",
+    ...})."""
     runs = []
     for path in (folder / "wandb").glob("offline-run-*/run-*.wandb"):
         run: dict[str, Any] = {"config": {}, "history": []}
@@ -107,11 +108,13 @@ def tb_scalars(events: EventAccumulator, tag: str) -> dict[int, float]:
 
 def per_step(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     """What --report-to must show of metrics.jsonl records: per step, the numbers (but the step), a later record's
-    value over an earlier one's (the step record says "epoch" 0-based, the epoch-end record at the same step 1-based)."""
+    value over an earlier one's (a step record's "epoch" counts the epochs done before it, the epoch-end record at
+    the same step one more)."""
     out: dict[int, dict[str, float]] = {}
     for record in records:
-        out.setdefault(record["step"], {}).update(
-            {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
+        out.setdefault(record["step"], {}).update({k: v for k, v in record.items()
+                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   and k != "step"})
     return out
 
 
@@ -183,12 +186,11 @@ def test_wandb_offline_history_config_and_resume(tmp_path: Path) -> None:
 def test_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)                        # as if not installed
-    with pytest.raises(UsageError, match=r"--report-to wandb needs the wandb package: pip install "
-                                         r"'clip_glofnd\[wandb\]'"):
+    with pytest.raises(UsageError, match=r"--report-to wandb needs the wandb package: pip install -e '\.\[wandb\]'"):
         RunLogger(tmp_path, report_to=["wandb"])
     assert cli.main(["train", "--train-data", str(tmp_path / "x.tar"), "--report-to", "all", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'clip_glofnd[wandb]'" in err[0]
+    assert len(err) == 1 and "pip install -e '.[wandb]'" in err[0] and "wandb extra" in err[0]
     RunLogger(tmp_path, report_to=["wandb"], enabled=False).log({"step": 1})   # other ranks need nothing
 
 
