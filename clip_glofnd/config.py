@@ -362,7 +362,7 @@ def _add_argument(group: argparse._ArgumentGroup, cls: type[_Section], f: datacl
     elif typing.get_origin(base) is tuple:
         kwargs.update(nargs="+", metavar=f.metadata.get("metavar") or "DIR")
     else:
-        kwargs.update(type=base, metavar=base.__name__.upper())
+        kwargs.update(type=base, metavar=f.metadata.get("metavar") or base.__name__.upper())
     group.add_argument(cls.flag(f), **kwargs)
 
 
