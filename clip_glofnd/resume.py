@@ -6,7 +6,10 @@
   instead of jumping (back to the peak, or forward).
 - Settings that differ from the checkpoint's are listed in a warning; `config.yaml` of the earlier start is kept
   beside the new one (`config.<time>.yaml`).
-- metrics.jsonl keeps the records up to the checkpoint's step: the resumed run writes the steps after it again.
+- metrics.jsonl keeps the records up to the checkpoint's step: the resumed run writes the steps after it again
+  (TensorBoard and W&B: report.py).
+- A flag that a checkpoint's config lacks (added since) counts at its default; where the run reports (--report-to,
+  --wandb-*) is no setting.
 """
 from __future__ import annotations
 
