@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import sys
 import types
@@ -233,9 +234,15 @@ class RunConfig(_Section):
     eval_dataset_root: tuple[str, ...] = _opt((), "where --eval-suite's data sets are (patterns as `clip-glofnd eval "
                                                   "--dataset-root`)")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last) when eval data are given")
-    log_every_n_steps: int = _opt(100, "write a metrics.jsonl line every N steps and at each epoch's last step, "
-                                       "the only steps that read metrics from the device (as OpenCLIP)")
-    tensorboard: bool = _opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
+    log_every_n_steps: int = _opt(100, "write a metrics.jsonl line (and --report-to's points) every N steps and at "
+                                       "each epoch's last step, the only steps that read metrics from the device "
+                                       "(as OpenCLIP)")
+    report_to: str = _opt("none", "also report to: a comma list of tensorboard, wandb, all (both) or none, as "
+                                  "OpenCLIP's --report-to; each needs its extra: pip install -e '.[wandb]'",
+                          metavar="tensorboard,wandb|all|none")
+    wandb_project_name: str = _opt("clip-glofnd", "W&B project of the run (--report-to wandb)")
+    wandb_notes: str | None = _opt(None, "W&B notes of the run (--report-to wandb)")
+    tensorboard: bool = _opt(False, "deprecated: --report-to tensorboard")
     seed: int = _opt(0, "random seed")
 
     def __post_init__(self) -> None:
@@ -249,7 +256,28 @@ class RunConfig(_Section):
             (not self.eval_dataset_root or self.eval_suite is not None, "--eval-dataset-root needs --eval-suite"),
             (self.log_every_n_steps >= 1, f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}"),
             (self.resume is None or bool(self.resume), "--resume must be 'latest' or a checkpoint path"),
+            (not set(_items(self.report_to)) - set(REPORT_TO), f"--report-to takes a comma list of "
+                                                                f"{', '.join(REPORT_TO)}; got {self.report_to!r}"),
+            (not ({"none", "all"} & set(_items(self.report_to))) or len(_items(self.report_to)) == 1,
+             f"--report-to {self.report_to}: none and all stand alone"),
+            (bool(self.wandb_project_name), "--wandb-project-name must not be empty"),
         )
+
+    @property
+    def reporters(self) -> frozenset[str]:
+        """Where the run reports besides metrics.jsonl: a subset of {"tensorboard", "wandb"} (--tensorboard, the
+        deprecated alias, adds tensorboard)."""
+        items = set(_items(self.report_to)) | ({"tensorboard"} if self.tensorboard else set())
+        return frozenset(REPORTERS if "all" in items else items - {"none"})
+
+
+REPORTERS = ("tensorboard", "wandb")
+REPORT_TO = (*REPORTERS, "all", "none")              # OpenCLIP's --report-to names, and none
+
+
+def _items(value: str) -> list[str]:
+    """The items of a comma list ("wandb, tensorboard" -> ["wandb", "tensorboard"]); "" is none."""
+    return [item.strip() for item in value.split(",") if item.strip()] or ["none"]
 
 
 @dataclass(frozen=True)
@@ -343,7 +371,7 @@ def _add_argument(group: argparse._ArgumentGroup, cls: type[_Section], f: datacl
     elif typing.get_origin(base) is tuple:
         kwargs.update(nargs="+", metavar=f.metadata.get("metavar") or "DIR")
     else:
-        kwargs.update(type=base, metavar=base.__name__.upper())
+        kwargs.update(type=base, metavar=f.metadata.get("metavar") or base.__name__.upper())
     group.add_argument(cls.flag(f), **kwargs)
 
 
@@ -424,6 +452,12 @@ def to_flat(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def flat_defaults() -> dict[str, Any]:
+    """{flag name without dashes: default} of every flag, as to_flat writes them: what a flat config that lacks a key
+    (one written before the flag existed) means by it."""
+    return {_key(cls, f): list(f.default) if isinstance(f.default, tuple) else f.default for _, cls, f, _ in _fields()}
+
+
 def to_argv(cfg: TrainConfig) -> list[str]:
     """Command-line flags that reproduce `cfg` (only values that differ from the defaults)."""
     argv: list[str] = []
@@ -470,6 +504,9 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     cli = {k: v for k, v in vars(ns).items() if k not in ("config", "dry_run")}
     for key, value in cli.items():                                        # CLI values are typed already
         values[key] = tuple(value) if isinstance(value, list) else value
+    if values.get("tensorboard") is True:
+        logging.getLogger(__name__).warning("--tensorboard is deprecated and will be removed: use --report-to "
+                                            "tensorboard (or all, for TensorBoard and W&B)")
     return from_flat(values, origin=ns.config or "flags"), ns
 
 

@@ -1,8 +1,10 @@
-"""What a run shows: tqdm progress with samples/s, metrics.jsonl (one JSON object per line), optional TensorBoard
-scalars, and a PNG of the λ distributions at each epoch end. Everything here is a no-op on ranks other than 0.
+"""What a run shows: tqdm progress with samples/s, metrics.jsonl (one JSON object per line), a PNG of the λ
+distributions at each epoch end, and with --report-to the same records in TensorBoard and / or W&B (report.py).
+Everything here is a no-op on ranks other than 0.
 
 metrics.jsonl is appended to (a resumed run continues it, after cutting it back to the checkpoint's step, so every step
-appears once); TensorBoard hides the events after that step the same way (SummaryWriter's purge_step).
+appears once); TensorBoard hides the events after that step the same way (SummaryWriter's purge_step), W&B keeps the
+steps it holds (report.py says why).
 """
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from clip_glofnd.errors import UsageError
+from clip_glofnd import report
+
+if TYPE_CHECKING:
+    from clip_glofnd.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,46 +32,85 @@ QUANTILES = (0.1, 0.5, 0.9)
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe scalar: tensors to python numbers, non-finite floats to None."""
+    """JSON-safe scalar: tensors to python numbers, non-finite floats to None, a λ plot to its file name."""
     if isinstance(value, Tensor):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, LambdaPlot):
+        return value.path.name
     return value
 
 
-class RunLogger:
-    """Rank-0 metrics sink: <run_dir>/metrics.jsonl and, with `tensorboard`, <run_dir>/tensorboard/."""
+def _is_number(key: str, value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
-                 purge_step: int | None = None) -> None:
+
+@dataclass(frozen=True)
+class LambdaPlot:
+    """A λ histogram PNG (plot_lambda) and the λ values it shows: in a log record, metrics.jsonl gets the file name,
+    TensorBoard and W&B the image and the histograms."""
+
+    path: Path
+    img: np.ndarray                        # λ of the image anchors seen at least once
+    txt: np.ndarray                        # ... of the text anchors
+
+    def series(self) -> dict[str, np.ndarray]:
+        """{"img": ..., "txt": ...}, the modalities with values."""
+        return {name: values for name, values in (("img", self.img), ("txt", self.txt)) if values.size}
+
+
+class RunLogger:
+    """Rank-0 metrics sink: <run_dir>/metrics.jsonl, and the `report_to` sinks (report.py): "tensorboard"
+    (<run_dir>/tensorboard/) and "wandb" (`wandb` = {"name", "project", "notes"} for wandb.init)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, report_to: Iterable[str] = (),
+                 tensorboard: bool = False, purge_step: int | None = None, config: dict[str, Any] | None = None,
+                 wandb: dict[str, Any] | None = None, resumed: bool = False, step: int = 0) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        self.sinks: list[report.TensorBoardSink | report.WandbSink] = []
+        reporters = set(report_to) | ({"tensorboard"} if tensorboard else set())
+        if not enabled:
+            return
+        report.check_installed(reporters)
+        if "tensorboard" in reporters:
+            self.sinks.append(report.TensorBoardSink(Path(run_dir), purge_step=purge_step, config=config, step=step))
+        if "wandb" in reporters:
+            options = {"name": Path(run_dir).name, "project": "clip-glofnd", "notes": None, **(wandb or {})}
+            self.sinks.append(report.WandbSink(Path(run_dir), config=config, resumed=resumed, **options))
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path, cfg: TrainConfig, *, enabled: bool, step: int, resumed: bool
+                ) -> RunLogger:
+        """The trainer's logger: --report-to, --wandb-project-name, --wandb-notes and the flags as config, for a run
+        that starts at `step` (`resumed`: from a checkpoint; W&B then continues this folder's run). TensorBoard
+        hides events after `step` that an earlier start of the folder wrote."""
+        from clip_glofnd.config import to_flat
+        run = cfg.run
+        return cls(run_dir, enabled=enabled, report_to=run.reporters, purge_step=step + 1, config=to_flat(cfg),
+                   wandb={"name": run.name or Path(run_dir).name, "project": run.wandb_project_name,
+                          "notes": run.wandb_notes}, resumed=resumed, step=step)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record (must hold "step"); numbers also go to TensorBoard under their key."""
+        """Append one record (must hold "step"); its numbers (and λ plot) also go to the --report-to sinks under
+        their key, at its step."""
         if not self.enabled:
             return
+        plots = [value for value in record.values() if isinstance(value, LambdaPlot)]
         record = {key: _plain(value) for key, value in record.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
+        scalars = {key: value for key, value in record.items() if _is_number(key, value)}
+        for sink in self.sinks:
+            sink.log(record["step"], scalars, plots)
 
     def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
+        """Flush TensorBoard, finish the W&B run."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -93,8 +138,9 @@ def lambda_quantiles(lam: Tensor, seen: Tensor, prefix: str, quantiles: Sequence
 
 
 def plot_lambda(path: str | Path, lam_img: Tensor, seen_img: Tensor, lam_txt: Tensor, seen_txt: Tensor, *,
-                title: str) -> Path | None:
-    """PNG histogram of λ over the samples seen at least once, image and text anchors; None if nothing seen."""
+                title: str) -> LambdaPlot | None:
+    """PNG histogram of λ over the samples seen at least once, image and text anchors (and those values); None if
+    nothing was seen."""
     from matplotlib.figure import Figure                                   # Agg canvas, no pyplot global state
     series = [(name, lam[seen].float().cpu().numpy()) for name, lam, seen in
               (("image anchors", lam_img, seen_img), ("text anchors", lam_txt, seen_txt))]
@@ -112,4 +158,4 @@ def plot_lambda(path: str | Path, lam_img: Tensor, seen_img: Tensor, lam_txt: Te
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    return path
+    return LambdaPlot(path, series[0][1], series[1][1])

@@ -3,7 +3,8 @@
 A missing evaluation set used to surface after the first epoch had trained, an unknown --model only when the model
 was built; here every path and name is checked in well under a second: the model name (open_clip's config folder,
 read without importing open_clip, plus our packaged configs and JSON files), --pretrained, every local training
-shard, --zeroshot-data / --retrieval-data, --eval-suite's data sets, --resume, and that --logs can be written.
+shard, --zeroshot-data / --retrieval-data, --eval-suite's data sets, --resume, that --logs can be written, and that
+--report-to's packages are installed (first).
 Relative paths resolve against the current folder, as the run will.
 """
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 from clip_glofnd.config import TrainConfig
 from clip_glofnd.errors import UsageError
+from clip_glofnd.report import check_installed
 
 
 def check_run(cfg: TrainConfig) -> None:
     """UsageError naming the flag and path of the first thing the run could not open."""
     from clip_glofnd.evaluate import open_datasets
     from clip_glofnd.model import _is_local
+    check_installed(cfg.run.reporters)                                  # --report-to's packages
     check_model(cfg.model.model)
     if cfg.model.pretrained is not None:
         _named("--pretrained", _is_local, cfg.model.pretrained)         # a path-like value must be an existing file

@@ -6,7 +6,10 @@
   instead of jumping (back to the peak, or forward).
 - Settings that differ from the checkpoint's are listed in a warning; `config.yaml` of the earlier start is kept
   beside the new one (`config.<time>.yaml`).
-- metrics.jsonl keeps the records up to the checkpoint's step: the resumed run writes the steps after it again.
+- metrics.jsonl keeps the records up to the checkpoint's step: the resumed run writes the steps after it again
+  (TensorBoard and W&B: report.py).
+- A flag that a checkpoint's config lacks (added since) counts at its default; where the run reports (--report-to,
+  --wandb-*) is no setting.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_glofnd.config import undump
+from clip_glofnd.config import flat_defaults, undump
 
 logger = logging.getLogger(__name__)
 
-_NOT_SETTINGS = ("resume",)            # flags whose change on resume is expected, not worth a warning
+# flags whose change on resume is expected (or does not touch the training), not worth a warning
+_NOT_SETTINGS = ("resume", "report_to", "tensorboard", "wandb_project_name", "wandb_notes")
 
 
 def lr_factor(step: float, warmup: int, total: float) -> float:
@@ -72,10 +76,12 @@ def continue_schedule(saved: dict[str, Any] | None, saved_steps: tuple[int, int]
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """"flag old -> new" for every setting (flat config keys) that differs between a checkpoint and this run."""
+    """"flag old -> new" for every setting (flat config keys) that differs between a checkpoint and this run; a key
+    one of them lacks (a flag added or removed since) stands for its default."""
+    defaults = flat_defaults()
     keys = [k for k in dict.fromkeys([*saved, *current]) if k not in _NOT_SETTINGS]
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if _plain(saved.get(k)) != _plain(current.get(k))]
+    old, new = ({k: _plain(values.get(k, defaults.get(k))) for k in keys} for values in (saved, current))
+    return [f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in keys if old[k] != new[k]]
 
 
 def _plain(value: Any) -> Any:

@@ -320,7 +320,7 @@ def lambda_report(parts: Parts, png: Path, title: str) -> dict[str, Any]:
         record[f"seen_{name}"] = int(seen[name].sum())
     if store.world > 1:
         record["lam_stats_of"] = f"ids = {store.rank} mod {store.world} (rank 0's shard)"
-    plot_lambda(png, lam["img"], seen["img"], lam["txt"], seen["txt"], title=title)
+    record["lambda_png"] = plot_lambda(png, lam["img"], seen["img"], lam["txt"], seen["txt"], title=title)
     return record
 
 
@@ -536,8 +536,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if uint8_images(cfg, dist):                                   # the workers stop before ToTensor + Normalize
         parts.image_norm = tuple(torch.tensor(v, device=dist.device) for v in split_normalize(preprocess)[1:])
     state, saved = resume(cfg, parts, run_dir, num_samples)
-    log = RunLogger(run_dir, enabled=is_main(dist), tensorboard=cfg.run.tensorboard,
-                    purge_step=state.step + 1 if saved else None)
+    log = RunLogger.for_run(run_dir, cfg, enabled=is_main(dist), step=state.step, resumed=bool(saved))
     warm_up_state(parts, state, run_dir, log, save=save_checkpoints,
                   make_loader=lambda epoch: make_loader(cfg, dist, preprocess, tokenizer, num_samples, epoch))
     means: dict[str, float] = {}

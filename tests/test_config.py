@@ -50,6 +50,9 @@ def test_every_field_has_one_flag_with_help() -> None:
     (["--no-such-flag", "1"], "--no-such-flag"),
     (["--state-device", "gpu"], "--state-device"),
     (["--state-sharding", "by-rank"], "--state-sharding"),
+    (["--report-to", "wandb,mlflow"], "--report-to"),
+    (["--report-to", "none,wandb"], "--report-to"),
+    (["--wandb-project-name", ""], "--wandb-project-name"),
 ])
 def test_bad_values_raise_naming_the_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(UsageError, match=flag):
@@ -78,7 +81,8 @@ def test_dataclasses_are_frozen_and_validate_on_construction() -> None:
 CUSTOM = DATA + ["--model", "ViT-B-32", "--loss", "fastclip", "--loss-tau", "0.05", "--fnd", "glofnd",
                  "--fnd-alpha", "5e-4", "--fnd-start-epoch", "15", "--fnd-mask-start-epoch", "16", "--lock-text",
                  "--zeroshot-data", "/a", "/b", "--grad-clip-norm", "1.0", "--name", "run", "--resume", "latest",
-                 "--precision", "amp_bf16", "--batch-size", "256", "--accum-freq", "1", "--tensorboard"]
+                 "--precision", "amp_bf16", "--batch-size", "256", "--accum-freq", "1", "--tensorboard",
+                 "--report-to", "wandb", "--wandb-project-name", "p", "--wandb-notes", "a note"]
 
 
 def test_dataclass_argparse_round_trip() -> None:
@@ -88,6 +92,29 @@ def test_dataclass_argparse_round_trip() -> None:
     assert parse_config(to_argv(cfg))[0] == cfg                       # config -> flags -> config
     assert from_flat(to_flat(cfg)) == cfg                             # config -> flat dict -> config
     assert from_flat(json.loads(json.dumps(to_flat(cfg)))) == cfg      # ... through JSON (checkpoint "config")
+
+
+@pytest.mark.parametrize("argv, reporters", [
+    ([], set()), (["--report-to", "none"], set()), (["--report-to", ""], set()),
+    (["--report-to", "tensorboard"], {"tensorboard"}), (["--report-to", "wandb"], {"wandb"}),
+    (["--report-to", "wandb,tensorboard"], {"tensorboard", "wandb"}),
+    (["--report-to", "all"], {"tensorboard", "wandb"}),
+    (["--tensorboard"], {"tensorboard"}), (["--tensorboard", "--report-to", "wandb"], {"tensorboard", "wandb"}),
+])
+def test_report_to_as_open_clip_with_the_tensorboard_alias(argv: list[str], reporters: set[str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config(DATA + argv)[0]
+    assert cfg.run.reporters == reporters
+    assert ("--tensorboard is deprecated" in caplog.text) == ("--tensorboard" in argv)
+    assert (cfg.run.wandb_project_name, cfg.run.wandb_notes) == ("clip-glofnd", None)
+
+
+def test_old_run_config_with_tensorboard_key_still_loads() -> None:
+    """config.yaml of runs from before --report-to: a `tensorboard` key, no `report_to`."""
+    old = {k: v for k, v in to_flat(parse_config(DATA)[0]).items() if k not in ("report_to", "wandb_project_name",
+                                                                               "wandb_notes")}
+    assert from_flat({**old, "tensorboard": True}).run.reporters == {"tensorboard"}
+    assert from_flat(old) == parse_config(DATA)[0]
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])

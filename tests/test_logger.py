@@ -45,8 +45,10 @@ def test_lambda_quantiles_only_over_seen_samples() -> None:
 def test_lambda_png_written_for_seen_samples(tmp_path: Path) -> None:
     lam = torch.rand(1000) * 2 - 1
     seen = torch.rand(1000) < 0.3
-    path = plot_lambda(tmp_path / "lambda_epoch_1.png", lam, seen, lam.flip(0), ~seen, title="run: λ after epoch 1")
-    assert path is not None and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+    plot = plot_lambda(tmp_path / "lambda_epoch_1.png", lam, seen, lam.flip(0), ~seen, title="run: λ after epoch 1")
+    assert plot is not None and plot.path.read_bytes()[:8] == PNG_MAGIC and plot.path.stat().st_size > 5000
+    assert np.array_equal(plot.img, lam[seen].numpy()) and np.array_equal(plot.txt, lam.flip(0)[~seen].numpy())
+    assert set(plot.series()) == {"img", "txt"}
     none = torch.zeros(1000, dtype=torch.bool)
     assert plot_lambda(tmp_path / "empty.png", lam, none, lam, none, title="t") is None
     assert not (tmp_path / "empty.png").exists()

@@ -55,6 +55,14 @@ def test_changed_settings_lists_flags() -> None:
     assert changed_settings(saved, now) == ["--batch-size 64 -> 32"]
 
 
+def test_changed_settings_a_missing_key_is_its_default_and_reporting_is_no_setting() -> None:
+    """A checkpoint from before a flag existed lacks its key: at the default that is no change; where the run reports
+    (--report-to, W&B project and notes, --tensorboard) does not touch the training."""
+    saved = {"batch_size": 64, "tensorboard": True}                      # an old run: no report_to, no fnd_init
+    now = {"batch_size": 64, "fnd_init": "one", "report_to": "wandb", "wandb_notes": "x", "fnd_alpha": 0.5}
+    assert changed_settings(saved, now) == ["--fnd-alpha 0.001 -> 0.5"]
+
+
 def test_keep_old_config(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     assert keep_old_config(path, "a: 1\n") is None                                        # nothing there yet
