@@ -263,11 +263,11 @@ def _report(result: dict[str, Any]) -> str:
             ("dataset", "data set", "s", 1), ("world_size", "W", "d", 1), ("state_device", "device", "s", 1),
             ("state_sharding", "sharding", "s", 1), ("train_device_bytes", "training device (GB)", ",.3f", 1e-9),
             ("cpu_bytes", "CPU (GB)", ",.3f", 1e-9)]),
-        "by-id all-to-all bytes per rank per step (fetch + commit), vs the replicated all-gather\n"
+        "by-id fetch: the fixed-size all-to-all's bytes per rank per step (its commit is the replicated all-gather)\n"
         + _common.format_table(result["exchange"], [
             ("batch", "b", "d", 1), ("world_size", "W", "d", 1), ("send_mean", "send mean (KB)", ".1f", 1e-3),
             ("send_max", "send max (KB)", ".1f", 1e-3), ("recv_mean", "recv mean (KB)", ".1f", 1e-3),
-            ("recv_max", "recv max (KB)", ".1f", 1e-3), ("formula_each_way", "2·40·b (KB)", ".1f", 1e-3),
+            ("recv_max", "recv max (KB)", ".1f", 1e-3), ("formula_each_way", "W·b·row (KB)", ".1f", 1e-3),
             ("replicated_send", "replicated send (KB)", ".1f", 1e-3),
             ("replicated_recv", "replicated recv (KB)", ".1f", 1e-3)]),
     ])
