@@ -80,7 +80,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    from clip_glofnd.shards import make_digits
+    from clip_glofnd.digits import make_digits
     torch.set_num_threads(1)
     open_clip.add_model_config(str(Path(__file__).parents[1] / "clip_glofnd" / "model_configs" / "clip-tiny.json"))
     if args.image_size == 64:

@@ -118,7 +118,7 @@ def saves_and_resume(root: Path, batch_size: int, repeats: int) -> dict[str, flo
     """Digits + clip-tiny: save_checkpoints at an epoch's end vs inside it; first batch fresh vs resumed late."""
     from clip_glofnd.model import create_model
     from clip_glofnd.resume import continue_schedule
-    from clip_glofnd.shards import make_digits
+    from clip_glofnd.digits import make_digits
     make_digits(root / "digits", seed=0)
     pattern = str(root / "digits" / "train" / "{00000..00011}.tar")
     model, preprocess, _, tokenizer = create_model("clip-tiny")

@@ -1,6 +1,6 @@
 """The paper's claims at small scale on the digits set: clip-tiny trained from scratch (both towers learn).
 
-Data: clip_glofnd.shards.make_digits — 1,500 training pairs of 10 classes whose captions name only the class (12
+Data: clip_glofnd.digits.make_digits — 1,500 training pairs of 10 classes whose captions name only the class (12
 wordings), so ~10% of every anchor's negatives are true false negatives; 297 held-out images for zero-shot
 classification and retrieval. Filters, losses, seeds, metrics and targets: benchmarks/_reproduce.py. Recipe (full
 form): clip-tiny, 6 epochs of 1,500 samples, batch 32, lr 1e-3, 47 warmup steps (one epoch), α = 0.1 (the expected

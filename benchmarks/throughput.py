@@ -101,8 +101,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def prepare_data(folder: str | None, scratch: Path) -> dict[str, Any]:
-    """The digits summary (clip_glofnd.shards.make_digits), reusing `folder` when it already holds the set."""
-    from clip_glofnd.shards import make_digits
+    """The digits summary (clip_glofnd.digits.make_digits), reusing `folder` when it already holds the set."""
+    from clip_glofnd.digits import make_digits
     out = Path(folder) if folder else scratch / "digits"
     summary_file = out / "digits.json"
     if summary_file.is_file():

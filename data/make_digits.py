@@ -5,7 +5,7 @@ Usage: python data/make_digits.py OUT_DIR [--seed S]      (see data/README.md fo
 """
 import sys
 
-from clip_glofnd.shards import make_digits_main
+from clip_glofnd.digits import make_digits_main
 
 if __name__ == "__main__":
     sys.exit(make_digits_main(sys.argv[1:]))

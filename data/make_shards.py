@@ -5,7 +5,7 @@ Same as `clip-glofnd make-shards IMAGES_DIR CAPTIONS OUT_DIR [--shard-size N]`; 
 """
 import sys
 
-from clip_glofnd.shards import make_shards_main
+from clip_glofnd.make_shards import make_shards_main
 
 if __name__ == "__main__":
     sys.exit(make_shards_main(sys.argv[1:]))

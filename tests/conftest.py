@@ -22,12 +22,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory):
-    """The digits data set (clip_glofnd.shards.make_digits, seed 0), built once per session (~2 s).
+    """The digits data set (clip_glofnd.digits.make_digits, seed 0), built once per session (~2 s).
 
     Layout: train/{00000..00011}.tar (1,500 samples, ids 0..1499) + train/sizes.json; wds/digits_cls and
     wds/digits_ret (297 held-out images, CLIP_benchmark layout); digits.json = the summary make_digits returns.
     """
-    from clip_glofnd.shards import make_digits
+    from clip_glofnd.digits import make_digits
     out = tmp_path_factory.mktemp("digits")
     make_digits(out, seed=0)
     return out

@@ -18,8 +18,10 @@ from PIL import Image
 
 from clip_glofnd import cli
 from clip_glofnd.errors import UsageError
-from clip_glofnd.shards import (DIGIT_WORDS, ShardWriter, brace_pattern, check_shards, check_shards_main, make_digits,
-                                make_shards, split_digits, write_sizes_json)
+from clip_glofnd.check_shards import check_shards, check_shards_main
+from clip_glofnd.digits import DIGIT_WORDS, make_digits, split_digits
+from clip_glofnd.make_shards import make_shards
+from clip_glofnd.shards import ShardWriter, brace_pattern, write_sizes_json
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:

@@ -34,7 +34,8 @@ def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 of the digits in 2 shards (every pass sees the same 64 samples), ids 0..63, with labels."""
     from sklearn.datasets import load_digits
 
-    from clip_glofnd.shards import ShardWriter, digit_image_png, sample_members, write_sizes_json
+    from clip_glofnd.digits import digit_image_png
+    from clip_glofnd.shards import ShardWriter, sample_members, write_sizes_json
     out = tmp_path_factory.mktemp("small_digits")
     digits = load_digits()
     with ShardWriter(out, 32) as writer:
