@@ -12,7 +12,7 @@ from collections.abc import Sequence
 # command -> ("module:function", one-line summary); function(argv: list[str]) -> int exit code
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("clip_glofnd.config:train_main", "train a CLIP model on WebDataset shards, with or without GloFND"),
-    "eval": ("clip_glofnd.evaluate:main", "zero-shot classification and retrieval of a checkpoint"),
+    "eval": ("clip_glofnd.eval_cli:main", "zero-shot classification and retrieval of a checkpoint"),
     "make-digits": ("clip_glofnd.digits:make_digits_main",
                     "write scikit-learn's handwritten digits as WebDataset shards (the embedded data set)"),
     "make-digits-minilm": ("clip_glofnd.digits_minilm:make_digits_minilm_main",

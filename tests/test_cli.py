@@ -95,7 +95,7 @@ def test_readme_command_parses(argv: list[str], digits_dir: Path, tmp_path: Path
     if argv[0] == "train":
         assert train_main(argv[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
     elif argv[0] == "eval":
-        from clip_glofnd.evaluate import build_parser
+        from clip_glofnd.eval_cli import build_parser
         build_parser().parse_args(argv[1:])
 
 

@@ -22,9 +22,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from clip_glofnd import cli
 from clip_glofnd.errors import UsageError
-from clip_glofnd.evaluate import (BATCH_SIZE, WORKERS, ClassificationMeter, build_classifier, build_parser,
-                                  imagenet_classnames, main, make_loader, open_dataset, openai_templates,
-                                  retrieval_metrics)
+from clip_glofnd.eval_cli import build_parser, main
+from clip_glofnd.eval_data import imagenet_classnames, make_loader, open_dataset, openai_templates
+from clip_glofnd.evaluate import BATCH_SIZE, WORKERS, ClassificationMeter, build_classifier, retrieval_metrics
 from clip_glofnd.evaluate import evaluate as evaluate_with_defaults
 from clip_glofnd.model import create_model
 
@@ -424,8 +424,8 @@ def test_cli_bad_input_exits_2_with_one_line(data, tmp_path: Path, capsys: pytes
 
 
 def test_help_does_not_import_torch() -> None:
-    code = ("import sys\nfrom clip_glofnd import evaluate, model\n"
-            "try:\n    evaluate.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom clip_glofnd import eval_cli, model\n"
+            "try:\n    eval_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules, 'heavy import'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_glofnd import cli, evaluate, suite
+from clip_glofnd import cli, eval_cli, suite, suite_spec
 from clip_glofnd.errors import UsageError
 from clip_glofnd.logger import read_jsonl
-from clip_glofnd.suite import (Checkpoint, Located, NotRun, Suite, SuiteTask, candidate_paths, expand_checkpoints,
-                               load_suite, packaged_suites, suite_means)
+from clip_glofnd.suite_results import Checkpoint, expand_checkpoints
+from clip_glofnd.suite_spec import Located, NotRun, Suite, SuiteTask, candidate_paths, load_suite, packaged_suites
+from clip_glofnd.suite_summary import suite_means
 
 MICRO = {"embed_dim": 16,
          "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -185,7 +186,7 @@ def test_packaged_suites_load_and_ship() -> None:
     assert len(variants.tasks) == 7 and sum("ImageNet dist. shifts" in t.groups for t in variants.tasks) == 6
     assert {t.main_metric for t in load_suite("retrieval").tasks} == {"mean_recall@1"}
     link = Path(__file__).parents[1] / "data" / "suites"
-    assert link.is_symlink() and link.resolve() == suite.SUITES_DIR.resolve()
+    assert link.is_symlink() and link.resolve() == suite_spec.SUITES_DIR.resolve()
     assert "resources/suites/*.yaml" in (Path(__file__).parents[1] / "setup.cfg").read_text()
 
 
@@ -241,7 +242,7 @@ def test_suite_results_equal_single_task_eval(sets: Path, run_folder: Path, suit
     for epoch in (1, 2):
         ckpt = run_folder / "checkpoints" / f"epoch_{epoch}.pt"
         single = tmp_path / f"single{epoch}"
-        assert evaluate.main(["--model", str(sets / "micro.json"), "--checkpoint", str(ckpt), "--zeroshot-data",
+        assert eval_cli.main(["--model", str(sets / "micro.json"), "--checkpoint", str(ckpt), "--zeroshot-data",
                               str(data / "wds_vtab-colors"), str(data / "wds_three"), str(data / "wds_pair"),
                               "--retrieval-data", str(data / "wds_colors_ret"), "--output", str(single),
                               "--device", "cpu", "--workers", "0"]) == 0
@@ -363,10 +364,10 @@ def test_missing_sets_are_listed_before_any_work(sets: Path, tmp_path: Path, mon
 def test_task_kind_must_match_the_data(sets: Path, tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(f"tasks: [{{name: x, task: zeroshot_retrieval, path: {sets}/sets/wds_three}}]")
     with pytest.raises(UsageError, match=r"task 'x' is zeroshot_retrieval but .*wds_three is a classification"):
-        suite.locate(load_suite(tmp_path / "s.yaml"), [])
+        suite_spec.locate(load_suite(tmp_path / "s.yaml"), [])
     (tmp_path / "t.yaml").write_text("tasks: [{name: x, task: zeroshot_classification}]")
     with pytest.raises(UsageError, match=r"--dataset-root is needed: 1 tasks of .*t.yaml have no `path`"):
-        suite.locate(load_suite(tmp_path / "t.yaml"), [])
+        suite_spec.locate(load_suite(tmp_path / "t.yaml"), [])
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -433,7 +434,7 @@ def test_training_logs_digits_suite_means_equal_to_offline_suite(digits_dir: Pat
     rows = {(r["row"], r["dataset"]): r["epoch_1.pt"] for r in csv.DictReader((out / "summary.csv").open())}
     assert float(rows[("mean", "")]) == logged[0]["suite/mean"]
     assert float(rows[("task", "wds/digits_ret")]) == logged[0]["suite/wds/digits_ret/mean_recall@1"]
-    single = evaluate.main(["--model", model, "--checkpoint", str(tmp_path / "run" / "checkpoints" / "epoch_1.pt"),
+    single = eval_cli.main(["--model", model, "--checkpoint", str(tmp_path / "run" / "checkpoints" / "epoch_1.pt"),
                             "--zeroshot-data", f"{root}/digits_cls", "--output", str(tmp_path / "single"),
                             "--workers", "0", "--device", "cpu"])
     reference = json.loads(next((tmp_path / "single").glob("*.json")).read_text())["metrics"]
