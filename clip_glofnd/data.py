@@ -52,12 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from clip_glofnd.errors import UsageError
 from clip_glofnd.seen import SeenIds
-from clip_glofnd.shards import (SIZES_JSON, BadSample, Shard, decode_image, iter_samples, missing_local_shards,
-                                parse_id, read_caption, read_label, resolve_shards)
+from clip_glofnd.data_diagnosis import id_places, no_sample_error, shortfall_message
+from clip_glofnd.shards import SIZES_JSON, Shard, resolve_shards
+from clip_glofnd.stream import ShardStream, StreamConfig, stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -133,183 +134,7 @@ def resolve_num_samples(pattern: str, num_samples: int | None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# worker side: tar -> validated samples -> shuffled -> decoded -> batches
-
-def _seed(*parts: object) -> int:
-    """A stable 63-bit seed from any tuple (same value in every process, unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-@dataclass
-class _StreamConfig:
-    batch_size: int
-    caption_key: str
-    skip_bad_samples: bool
-    shuffle_buffer: int
-    seed: tuple
-    resampled: bool
-    rotation: int = 0         # resume: DataLoader worker i plays worker role (i + rotation) % workers
-    skip: tuple = ()          # resume: per role, shuffled samples already delivered (not decoded again); -1: role done
-
-
-def _preprocess_seeded(preprocess: Callable, image, seed: int) -> Tensor:
-    """preprocess(image) with torch's CPU and python's RNG seeded by `seed`, both restored afterwards.
-
-    A sample's random augmentation (open_clip's RandomResizedCrop) then depends on (seed, epoch, pass, id) only, not
-    on which worker decodes it or how many samples that worker decoded before: what makes a mid-epoch resume, which
-    skips samples without decoding them, give the same images.
-    """
-    torch_state, python_state = torch.default_generator.get_state(), random.getstate()
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    try:
-        return preprocess(image)
-    finally:
-        torch.default_generator.set_state(torch_state)
-        random.setstate(python_state)
-
-
-def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Buffer shuffle: hold up to `bufsize` items, emit a random one for each new item, then drain in random order."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < bufsize:
-            buffer.append(item)
-            continue
-        i = rng.randrange(bufsize)
-        buffer[i], item = item, buffer[i]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class _Stream(IterableDataset):
-    """Runs in each loader worker: its shards -> validated samples -> shuffle buffer -> decoded -> batches.
-
-    Yields dicts with images [k,3,H,W], texts [k,ctx], ids [k], labels [k] (k <= batch_size; only the last batch
-    of a worker is partial), `skipped` (counts since the previous item) and `reads` (samples in each shard this
-    worker finished reading since the previous item: a few ints per batch, for the epoch's shortfall check); the
-    last item has `end=True` so counts made after the last batch still reach the main process. Every item names the
-    worker role that made it and how many shuffled samples that role had emitted (the data position of a resume).
-    """
-
-    def __init__(self, shards: list[Shard], cfg: _StreamConfig, preprocess: Callable, tokenizer: Callable) -> None:
-        super().__init__()
-        self.shards, self.cfg, self.preprocess, self.tokenizer = shards, cfg, preprocess, tokenizer
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        roles = 1 if info is None else info.num_workers
-        role = ((0 if info is None else info.id) + self.cfg.rotation) % roles
-        start = self.cfg.skip[role] if self.cfg.skip else 0
-        if start < 0:                                                     # resume: this role had ended
-            return
-        rng = random.Random(_seed(*self.cfg.seed, role))
-        skipped: Counter = Counter()
-        reads: Counter = Counter()                                      # shard url -> samples read, once finished
-        if self.cfg.resampled:
-            shards = iter(lambda: rng.choice(self.shards), None)        # with replacement, endless (OpenCLIP style)
-        else:
-            shards = iter(self.shards[role::roles])                      # webdataset's split_by_worker, by role
-        samples = _shuffled(self._raw(shards, skipped, reads), self.cfg.shuffle_buffer, rng)
-        self._quiet = start > 0
-        batch: list = []
-        emitted = 0                                                       # shuffled samples taken from the buffer
-        try:
-            for sample in samples:
-                emitted += 1
-                if emitted <= start:                                      # delivered before the checkpoint
-                    if emitted == start:                                  # its counts reached the main process
-                        skipped.clear()
-                        reads.clear()
-                        self._quiet = False
-                    continue
-                item = self._decode(sample, skipped)
-                if item is not None:
-                    batch.append(item)
-                if len(batch) == self.cfg.batch_size:
-                    yield self._collate(batch, skipped, reads, role, emitted)
-                    batch = []
-        except BadSample as bad:              # strict mode: sent as data, the main process raises UsageError(message)
-            yield {"end": True, "skipped": dict(skipped), "reads": dict(reads), "error": str(bad), "worker": role}
-            return
-        if batch:
-            yield self._collate(batch, skipped, reads, role, emitted)
-        yield {"end": True, "skipped": dict(skipped), "reads": dict(reads), "worker": role, "emitted": emitted}
-
-    def _handle(self, bad: BadSample, skipped: Counter, lost: int = 1) -> None:
-        """Raise `bad`, or (skip_bad_samples) count the `lost` samples under its kind and log it."""
-        if not self.cfg.skip_bad_samples:
-            raise bad
-        skipped[bad.kind] += lost
-        if not getattr(self, "_quiet", False):                           # quiet while a resume replays the stream
-            logger.warning("skipping bad sample (%s): %s", bad.kind, bad)
-
-    def _raw(self, shards, skipped: Counter, reads: Counter) -> Iterator[tuple[Shard, dict, int, str, int]]:
-        """(shard, raw sample, id, caption, label) for every valid sample; bytes stay encoded for the buffer.
-
-        A shard that breaks off counts as the samples sizes.json says it lost (1 where sizes.json has no count).
-        """
-        empty_streak = 0
-        for shard in shards:
-            if empty_streak > max(100, 2 * len(self.shards)):            # resampled: do not spin on broken shards
-                raise BadSample("unreadable_shard", shard.url, None, f"{empty_streak} shards in a row gave no sample")
-            read, key = 0, None
-            empty_streak += 1
-            try:
-                for sample in iter_samples(shard):
-                    read, key = read + 1, sample["__key__"]
-                    try:
-                        empty_streak = 0
-                        yield (shard, sample, parse_id(sample, shard),
-                               read_caption(sample, self.cfg.caption_key, shard), read_label(sample, shard))
-                    except BadSample as bad:
-                        self._handle(bad, skipped)
-                if shard.count is not None and read < shard.count:
-                    raise BadSample("truncated_shard", shard.url, key, f"ends after {read} samples but {SIZES_JSON} "
-                                    f"says {shard.count}; re-download the shard or fix {SIZES_JSON}")
-            except BadSample as bad:
-                self._handle(bad, skipped, max(1, shard.count - read) if shard.count is not None else 1)
-            reads[shard.url] += read
-
-    def _decode(self, item: tuple, skipped: Counter) -> tuple | None:
-        shard, sample, gid, caption, label = item
-        try:
-            image = _preprocess_seeded(self.preprocess, decode_image(sample, shard),
-                                       _seed(*self.cfg.seed, "augment", gid))
-        except BadSample as bad:
-            self._handle(bad, skipped)
-            return None
-        return image, caption, gid, label, f"{shard.url}: sample {sample['__key__']!r}"
-
-    def _collate(self, batch: list[tuple], skipped: Counter, reads: Counter, role: int, emitted: int) -> dict:
-        images, captions, ids, labels, sources = zip(*batch)
-        out = {"images": torch.stack(images),                                # [k, 3, H, W]
-               "texts": self.tokenizer(list(captions)),                      # [k, ctx]
-               "ids": torch.tensor(ids, dtype=torch.int64),                  # [k]
-               "labels": torch.tensor(labels, dtype=torch.int64),            # [k], -1 = no cls
-               "sources": list(sources),                                     # [k] "shard: sample 'key'"
-               "skipped": dict(skipped), "reads": dict(reads), "end": False, "worker": role, "emitted": emitted}
-        skipped.clear()
-        reads.clear()
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# main-process side
-
-def _first_problem(shard: Shard, caption_key: str) -> str | None:
-    """The first problem of a shard (read again in this process, only to explain an epoch without samples)."""
-    try:
-        for sample in iter_samples(shard):
-            parse_id(sample, shard)
-            read_caption(sample, caption_key, shard)
-            read_label(sample, shard)
-            decode_image(sample, shard)
-    except BadSample as bad:
-        return str(bad)
-    return None
-
+# main-process side (the workers' side, shards -> batches, is clip_glofnd/stream.py)
 
 @dataclass
 class _Arrival:
@@ -336,7 +161,7 @@ class TrainLoader:
     (samples from a later pass that filled this rank's quota), "unvisited" (samples of this rank's shards neither
     yielded nor skipped; known when sizes.json has the shard counts), "passes". `reads` has the samples read from
     each shard in the first pass. All are logged at the end of the epoch when not empty, with a WARNING when the
-    first pass read fewer samples than expected (see `_shortfall`).
+    first pass read fewer samples than expected (data_diagnosis.shortfall_message).
 
     An id delivered twice in the first pass (the same id in two shards, or twice in one) is an error naming both
     places, or with skip_bad_samples a dropped and counted `duplicate_id` (`seen`: one bit per id). `state_dict()`
@@ -344,7 +169,7 @@ class TrainLoader:
     """
 
     shards: list[Shard]              # this rank's shards in this epoch's order (all shards when resampled)
-    cfg: _StreamConfig
+    cfg: StreamConfig
     preprocess: Callable
     tokenizer: Callable
     workers: int
@@ -452,12 +277,13 @@ class TrainLoader:
         cfg = self.cfg if pass_index == 0 else replace(self.cfg, seed=(*self.cfg.seed, pass_index))
         shards = self.shards
         if pass_index > 0 and not cfg.resampled:
-            shards = random.Random(_seed(*cfg.seed)).sample(shards, len(shards))
+            shards = random.Random(stable_seed(*cfg.seed)).sample(shards, len(shards))
         if self._pos["next_role"] or any(self._pos["emitted"]):
             cfg = replace(cfg, rotation=self._pos["next_role"], skip=tuple(self._pos["emitted"]))
         workers = self.workers if cfg.resampled else min(self.workers, len(shards))
-        return DataLoader(_Stream(shards, cfg, self.preprocess, self.tokenizer), batch_size=None, num_workers=workers,
-                          generator=torch.Generator().manual_seed(_seed(*cfg.seed, "augment")),
+        stream = ShardStream(shards, cfg, self.preprocess, self.tokenizer)
+        return DataLoader(stream, batch_size=None, num_workers=workers,
+                          generator=torch.Generator().manual_seed(stable_seed(*cfg.seed, "augment")),
                           pin_memory=self.pin_memory)
 
     def _next_size(self) -> int:
@@ -479,7 +305,7 @@ class TrainLoader:
                 del items                  # stop the workers now, not when a traceback holding them is collected
             self.stats["passes"] = pass_index + 1
             if self._pos["got"] == 0:
-                raise self._no_sample_error()
+                raise no_sample_error(self.shards, self.skipped, self.cfg.caption_key)
             if not self.exact:
                 return
             self._pos = {"pass_index": pass_index + 1, "emitted": [0] * len(self._pos["emitted"]), "next_role": 0,
@@ -523,19 +349,6 @@ class TrainLoader:
                 "sources": [s for s, k in zip(item["sources"], keep.tolist()) if k]}
         return item, item["ids"]
 
-    def _no_sample_error(self) -> UsageError:
-        """Why this rank's shards gave no valid sample, in one line: missing files, what was skipped, or empty tars."""
-        n = len(self.shards)
-        where = self.shards[0].url if n == 1 else f"{self.shards[0].url} … {self.shards[-1].url}"
-        missing = missing_local_shards(self.shards)
-        reasons = [f"{len(missing)} of {n} not found (first: {missing[0]}; a typo in the pattern?)"] if missing else []
-        reasons += [f"skipped: {dict(self.skipped)}"] if self.skipped else []
-        example = _first_problem(self.shards[0], self.cfg.caption_key) if self.skipped and not missing else None
-        first = f"; first: {example}" if example else ""
-        return UsageError(f"no valid sample in this rank's {n} shard(s) ({where}): "
-                          f"{'; '.join(reasons) or 'the tars are empty'}; check --train-data (`clip-glofnd "
-                          f"check-shards PATTERN --deep` lists every problem){first}")
-
     def _batches(self) -> Iterator[Batch]:
         for arrival in self._items():
             self._pending.append(arrival)
@@ -578,44 +391,14 @@ class TrainLoader:
             self.stats["unvisited"] = max(0, sum(counts) - first_pass - sum(self.skipped.values()))
         if self.skipped:
             logger.warning("skipped %d bad samples this epoch: %s", sum(self.skipped.values()), dict(self.skipped))
-        shortfall = self._shortfall() if self.stats["passes"] and self.expected_samples is not None else None
+        shortfall = None
+        if self.stats["passes"] and self.expected_samples is not None:
+            shortfall = shortfall_message(self.shards, self.reads, self.expected_samples, exact=self.exact,
+                                          samples_per_epoch=self.samples_per_epoch, rank=self.cfg.seed[2])
         if shortfall:
             logger.warning("%s", shortfall)
         if self.stats["repeated"] or self.stats["unvisited"] or self.stats["batches"] != self.num_batches:
             logger.info("epoch data (expected %d batches): %s", self.num_batches, dict(self.stats))
-
-    def _shortfall(self) -> str | None:
-        """After a complete first pass: this rank's samples read vs expected, naming the short shards; None if none.
-
-        With per-shard counts in sizes.json every shard is compared with its count; without, the rank's total is
-        compared with its share of samples_per_epoch and the shards that gave the fewest samples (or none) are named.
-        """
-        reads, total, expected = self.reads, sum(self.reads.values()), self.expected_samples
-        by_reads = sorted(self.shards, key=lambda s: reads[s.url])
-        if None not in [s.count for s in self.shards]:
-            short = sorted((s for s in self.shards if reads[s.url] < s.count), key=lambda s: reads[s.url] - s.count)
-            names = [f"{s.url} {reads[s.url]} of {s.count}" for s in short]
-            source = f"that {SIZES_JSON} lists for them"
-            advice = f"re-download or rebuild them, or fix {SIZES_JSON}"
-        else:
-            per_shard = expected / len(self.shards)                     # no counts: shards assumed of even size
-            empty = [s for s in by_reads if reads[s.url] == 0 and s.count != 0]
-            if total >= expected and not empty:
-                return None
-            short = empty if total >= expected else [s for s in by_reads if reads[s.url] < per_shard]
-            names = [f"{s.url} {reads[s.url] or 'none (empty)'}" for s in short]
-            names[-1] += f" (about {per_shard:.0f} expected per shard)"
-            source = (f"expected ({'its share of ' if self.exact else ''}{self.samples_per_epoch} samples per epoch "
-                      f"from num_samples or --train-num-samples; {SIZES_JSON} has no per-shard counts)")
-            advice = ("write the counts with `clip-glofnd check-shards PATTERN --write-sizes`"
-                      + ("" if self.exact else f", or pass --train-num-samples {total} if the data set is that small"))
-        if not short:
-            return None
-        missing = max(0, expected - total)
-        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-        return (f"data shortfall on rank {self.cfg.seed[2]}: its {len(self.shards)} shards gave {total} samples, "
-                f"{missing} ({missing / max(expected, 1):.1%}) fewer than the {expected} {source}; short shards: "
-                f"{', '.join(names[:5])}{more}; {advice}")
 
 
 def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable, batch_size: int,
@@ -649,7 +432,7 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
         samples_per_epoch = resolve_num_samples(pattern, num_samples)
         logger.warning("no per-shard counts in %s for %s; assuming %d samples per epoch (pass train_num_samples)",
                        SIZES_JSON, pattern, samples_per_epoch)
-    order = random.Random(_seed(seed, epoch, "shards")).sample(shards, len(shards))
+    order = random.Random(stable_seed(seed, epoch, "shards")).sample(shards, len(shards))
     mine = order if resampled else order[rank::world_size]
     if len(shards) < world_size and not resampled:
         raise UsageError(f"{pattern!r} has {len(shards)} shards, fewer than world_size={world_size}; write smaller "
@@ -659,7 +442,7 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
     if num_batches < 1:
         raise UsageError(f"{samples_per_epoch} samples per epoch give no full batch of {batch_size} on each of "
                          f"{world_size} ranks; lower --batch-size")
-    cfg = _StreamConfig(batch_size, caption_key, skip_bad_samples, shuffle_buffer, (seed, epoch, rank), resampled)
+    cfg = StreamConfig(batch_size, caption_key, skip_bad_samples, shuffle_buffer, (seed, epoch, rank), resampled)
     cap = train_num_samples if not exact else None
     mine_counts = [s.count for s in mine]
     expected = (None if resampled else sum(mine_counts) if None not in mine_counts
@@ -674,25 +457,3 @@ def make_train_loader(pattern: str, *, preprocess: Callable, tokenizer: Callable
     return TrainLoader(mine, cfg, preprocess, tokenizer, workers, samples_per_epoch, num_batches, exact, cap, expected,
                        seen=None if resampled else SeenIds(id_space), pin_memory=pin_memory,
                        mean_std=mean_std)
-
-
-def id_places(shards: list[Shard], gid: int, limit: int = 3) -> list[str]:
-    """Where global id `gid` occurs in `shards` ("shard: sample 'key'", at most `limit`); reads only json members.
-
-    For error messages about duplicate ids: a re-scan on error instead of a per-sample map kept all epoch.
-    """
-    places = []
-    for shard in shards:
-        try:
-            for sample in iter_samples(shard, wanted={"json"}):
-                try:
-                    found = parse_id(sample, shard) == gid
-                except BadSample:
-                    continue
-                if found:
-                    places.append(f"{shard.url}: sample {sample['__key__']!r}")
-                    if len(places) == limit:
-                        return places
-        except BadSample:
-            continue
-    return places
