@@ -15,7 +15,7 @@ a. **Throughput.** samples/s of `clip-glofnd train` (--fnd none, --fnd glofnd) a
 b. **GloFND on the device.** benchmarks/overhead.py at b 1024, M 8192 and 32768: one modality's fused
    `update_and_mask` against one read of the [b, M] float32 similarity (`sim.sum()`), and both modalities' calls as a
    share of a ViT-B-32 step (bf16 autocast).
-c. **Host syncs per step.** The real training step (`train.build_parts` + the step function `step_function()` names,
+c. **Host syncs per step.** The real training step (`step.build_parts` + the step function `step_function()` names,
    on batches from `train.make_loader`, pinned) under `torch.cuda.set_sync_debug_mode("warn")`: warnings counted over
    --sync-steps steady steps (after --sync-warmup), for --fnd none / glofnd × --loss clip / sogclr / fastclip, with
    the first warnings' sources (the innermost clip_glofnd frame). On CPU: "n/a (CPU)", the steps still run.

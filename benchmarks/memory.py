@@ -4,7 +4,7 @@ LAION-400M and DataComp-1B, and the bytes each rank moves per step to keep the s
 Measured from the real objects, not from a formula: the `state_dict()` bytes of `GloFND(n)` and
 `create_loss(name, n)` at n and 2n give bytes per sample (the slope) and a size-independent constant (FastCLIP-v3's
 τ). Per placement (--state-device, --state-sharding; clip_glofnd/state.py) the bytes a rank holds are counted from a
-real `StateStore` built as train.build_parts builds it, for rank 0 of W (no process group needed), at n and 2n:
+real `StateStore` built as step.build_parts builds it, for rank 0 of W (no process group needed), at n and 2n:
 on the training device and in CPU memory, slope and constant (by-id: 40·n/W + the working rows).
 
 Bytes per step are what the real code puts into its collectives, recorded with fakes: replicated, the packed
@@ -157,7 +157,7 @@ def _record_sync(holders: Sequence[Any], ids: Tensor, world: int) -> Tensor:
 
 
 def _holders(rows: int, loss: str) -> dict[str, Any]:
-    """The math objects train.build_parts makes, with `rows` rows."""
+    """The math objects step.build_parts makes, with `rows` rows."""
     return {"fnd_img": GloFND(rows, ALPHA), "fnd_txt": GloFND(rows, ALPHA), "loss": create_loss(loss, rows)}
 
 

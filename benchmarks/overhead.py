@@ -259,7 +259,7 @@ def train_step(parts: Parts, inputs: Inputs, use_glofnd: bool) -> None:
     ids_all = torch.cat([inputs.ids, inputs.extra_ids])                   # [M]
     # false-negative filter
     keep_i2t = keep_t2i = None
-    if use_glofnd:                                                       # as train.filter_negatives: fused
+    if use_glofnd:                                                       # as step.filter_negatives: fused
         sim_i2t = img.detach().float() @ txt_all.detach().float().T       # [b, M] image anchors vs all texts
         sim_t2i = txt.detach().float() @ img_all.detach().float().T       # [b, M] text anchors vs all images
         keep_i2t, keep_t2i = glofnd_fused(parts.filters, sim_i2t, sim_t2i, inputs.ids)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common
-from clip_glofnd import checkpoint, train
+from clip_glofnd import checkpoint, loop, train
 from clip_glofnd import step as step_module
 from clip_glofnd.config import from_flat
 from clip_glofnd.data import Batch, make_train_loader
@@ -38,6 +38,7 @@ from clip_glofnd.distributed import DistInfo
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.losses import create_loss
 from clip_glofnd.seen import SeenIds
+from clip_glofnd.step import build_parts, train_step
 
 CC12M = 12_423_374
 CPU = torch.device("cpu")
@@ -78,15 +79,15 @@ def guard(batch_size: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": "clip-tiny", "batch_size": batch_size, "loss": "fastclip",
                      "fnd": "glofnd", "fnd_alpha": 0.05})
-    parts = train.build_parts(cfg, DistInfo(), create_model("clip-tiny")[0], num_samples=10 * batch_size)
+    parts = build_parts(cfg, DistInfo(), create_model("clip-tiny")[0], num_samples=10 * batch_size)
     batch = Batch(torch.randn(batch_size, 3, 64, 64), torch.randint(1, 400, (batch_size, 32)),
                   torch.randperm(10 * batch_size)[:batch_size], None)
-    step = _common.time_call(lambda: train.train_step(batch, parts, epoch=0), CPU, warmup=1, repeats=repeats)
+    step = _common.time_call(lambda: train_step(batch, parts, epoch=0), CPU, warmup=1, repeats=repeats)
     grads = [p.grad for p in parts.unwrapped.parameters() if p.grad is not None]     # the last step's
     ok = torch.tensor(True)
 
     def undo() -> None:                                                  # the snapshot, then the on-device restore
-        step_module._undo_unless(parts, step_module._before_step(parts, batch.ids), ok)
+        step_module.undo_unless(parts, step_module.snapshot(parts, batch.ids), ok)
 
     before = _common.time_call(undo, CPU, repeats=repeats)
     finite = _common.time_call(lambda: torch.isfinite(torch.nn.utils.get_total_norm(grads)), CPU, repeats=repeats)
@@ -124,7 +125,7 @@ def saves_and_resume(root: Path, batch_size: int, repeats: int) -> dict[str, flo
     model, preprocess, _, tokenizer = create_model("clip-tiny")
     cfg = from_flat({"train_data": pattern, "model": "clip-tiny", "batch_size": batch_size, "loss": "sogclr",
                      "fnd": "glofnd", "name": "bench", "epochs": 2})
-    parts = train.build_parts(cfg, DistInfo(), model, num_samples=1500)
+    parts = build_parts(cfg, DistInfo(), model, num_samples=1500)
 
     def loader():
         return make_train_loader(pattern, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
@@ -147,9 +148,9 @@ def saves_and_resume(root: Path, batch_size: int, repeats: int) -> dict[str, flo
         next(it)
     late = running.state_dict()
     it.close()
-    run = train.EpochRun(running, continue_schedule(None, None, (0, 0), (running.num_batches, 2)),
-                         train._RunningMeans(), None)
-    at_end, inside = train.Progress(epoch=1, step=1), train.Progress(epoch=0, step=1, batch=1)
+    run = loop.EpochRun(running, continue_schedule(None, None, (0, 0), (running.num_batches, 2)),
+                         loop.RunningMeans(), None)
+    at_end, inside = loop.Progress(epoch=1, step=1), loop.Progress(epoch=0, step=1, batch=1)
     end_save = _common.time_call(lambda: train.save_checkpoints(parts, at_end, root / "run", run), CPU,
                                  warmup=1, repeats=repeats)
     mid_save = _common.time_call(lambda: train.save_checkpoints(parts, inside, root / "run", run), CPU,

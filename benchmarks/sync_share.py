@@ -2,7 +2,7 @@
 and the bytes each rank moves per step.
 
 W gloo processes on the CPU (torch.multiprocessing, torchrun's variables; W = 2 and 4 by default) run
-`train.train_step` on random images and captions with their own ids (rank r: rows r·b:(r+1)·b of a fresh permutation
+`train_step` on random images and captions with their own ids (rank r: rows r·b:(r+1)·b of a fresh permutation
 of the ids each step), loss SogCLR with GloFND, model `clip-tiny` by default, once with --state-sharding replicated
 (after the step one all-gather of the written rows, `distributed.sync_rows`) and once with by-id (a fixed-size
 all-to-all fetching the anchors' rows from their owners before the step, the same all-gather of the written rows
@@ -142,10 +142,11 @@ def _rank(rank: int, options: dict[str, Any], port: int, out: Path, world: int) 
 
 def measure(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> dict[str, Any]:
     """Step and state-exchange times (seconds, per step) and bytes of one rank at batch b."""
-    from clip_glofnd import distributed, train
+    from clip_glofnd import distributed
+    from clip_glofnd.step import train_step
     parts, make_batch = _setup(ns, b, sharding, dist)
     for step in range(ns.warmup):
-        train.train_step(make_batch(step), parts, epoch=0)
+        train_step(make_batch(step), parts, epoch=0)
     counted = count_bytes(parts, make_batch(ns.warmup))
     store = parts.store
     times: dict[str, list[float]] = {"fetch": [], "commit": [], "wait": []}
@@ -167,7 +168,7 @@ def measure(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> dict[st
         batch = make_batch(step)
         distributed.barrier(dist)
         start = time.perf_counter()
-        train.train_step(batch, parts, epoch=0)
+        train_step(batch, parts, epoch=0)
         step_times.append(time.perf_counter() - start)
     del store.fetch, store.commit                                         # the class's methods again
     ids = make_batch(0).ids
@@ -186,8 +187,8 @@ def measure(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> dict[st
 
 
 def _setup(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> tuple[Any, Any]:
-    """Parts from train.build_parts and a function step -> this rank's Batch of random data with its own ids."""
-    from clip_glofnd import train
+    """Parts from build_parts and a function step -> this rank's Batch of random data with its own ids."""
+    from clip_glofnd.step import build_parts
     from clip_glofnd.config import from_flat
     from clip_glofnd.data import Batch
     from clip_glofnd.model import create_model
@@ -195,7 +196,7 @@ def _setup(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> tuple[An
     model = create_model(ns.model)[0]
     cfg = from_flat({"train_data": "unused", "model": ns.model, "batch_size": b, "loss": ns.loss, "fnd": "glofnd",
                      "fnd_alpha": 0.01, "state_sharding": sharding})
-    parts = train.build_parts(cfg, dist, model, ns.num_samples)
+    parts = build_parts(cfg, dist, model, ns.num_samples)
     size, ctx, vocab = model.visual.image_size, model.context_length, model.vocab_size
     size = size if isinstance(size, int) else size[0]
     world = dist.world_size
@@ -212,7 +213,8 @@ def _setup(ns: argparse.Namespace, b: int, sharding: str, dist: Any) -> tuple[An
 
 def count_bytes(parts: Any, batch: Any) -> dict[str, int]:
     """Bytes this rank puts into and gets out of the collectives of one train_step (see the module docstring)."""
-    from clip_glofnd import distributed, train
+    from clip_glofnd import distributed
+    from clip_glofnd.step import train_step
     calls: list[tuple[torch.dtype, int, int]] = []
     exchanges: list[tuple[int, int]] = []
     gather, exchange = distributed._all_gather, distributed.exchange_rows
@@ -230,7 +232,7 @@ def count_bytes(parts: Any, batch: Any) -> dict[str, int]:
 
     distributed._all_gather, distributed.exchange_rows = recording, recording_exchange
     try:
-        train.train_step(batch, parts, epoch=0)
+        train_step(batch, parts, epoch=0)
     finally:
         distributed._all_gather, distributed.exchange_rows = gather, exchange
     sharded = parts.store.sharded

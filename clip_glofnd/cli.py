@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # command -> ("module:function", one-line summary); function(argv: list[str]) -> int exit code
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("clip_glofnd.config:train_main", "train a CLIP model on WebDataset shards, with or without GloFND"),
+    "train": ("clip_glofnd.cli:train_command", "train a CLIP model on WebDataset shards, with or without GloFND"),
     "eval": ("clip_glofnd.eval_cli:main", "zero-shot classification and retrieval of a checkpoint"),
     "make-digits": ("clip_glofnd.digits:make_digits_main",
                     "write scikit-learn's handwritten digits as WebDataset shards (the embedded data set)"),
@@ -32,6 +33,24 @@ def usage() -> str:
              "CLIP training with GloFND false-negative discovery (ICML 2025, arXiv 2502.20612).", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def train_command(argv: Sequence[str]) -> int:
+    """`clip-glofnd train`: parse and validate (config.py), check every path and name (preflight.py), then, unless
+    --dry-run, import the trainer and run it (train.py)."""
+    from clip_glofnd.config import dump, parse_config
+    try:
+        cfg, ns = parse_config(argv)
+    except SystemExit as stop:                                            # --help
+        return int(stop.code or 0)
+    from clip_glofnd.preflight import check_run
+    check_run(cfg)                                                        # every path and name, before any work
+    if ns.dry_run:
+        run_dir = Path(cfg.run.logs).absolute() / (cfg.run.name or "<date>-<model>-<loss>-<fnd>")
+        sys.stdout.write(f"{dump(cfg)}# run folder: {run_dir}\n")
+        return 0
+    from clip_glofnd import train                                         # torch / open_clip load only now
+    return train.main(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,9 @@ named like OpenCLIP's where OpenCLIP has it (`--train-data`, `--batch-size`, `--
 combination fails at parse time with the flag names in the message. `--config FILE` (YAML, JSON or TOML; keys are the
 flag names without dashes) sets defaults that command-line flags override, as timm's two-stage parse; the resolved
 config written to the run folder (`config.yaml`) is such a file. Stdlib only, so `clip-glofnd train --help` is fast:
-torch and open_clip load only after parsing, when training starts.
+torch and open_clip load only after parsing, when training starts. It describes and parses settings and runs nothing
+(`cli.train_command` runs the trainer). It is longer than ~500 lines because most of it is the table of flags — one
+field per flag with its help and its check — which reads best in one place.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import difflib
 import json
 import logging
 import math
-import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -519,19 +520,3 @@ def undump(text: str) -> dict[str, Any]:
     """The flat values of a `dump` text (a run folder's config.yaml) without YAML; ValueError on a line that is not
     `key: <json>`."""
     return {key: json.loads(value) for key, value in (line.split(": ", 1) for line in text.splitlines() if line)}
-
-
-def train_main(argv: Sequence[str]) -> int:
-    """`clip-glofnd train`: parse and validate, then (unless --dry-run) import the trainer and run it."""
-    try:
-        cfg, ns = parse_config(argv)
-    except SystemExit as stop:                                            # --help
-        return int(stop.code or 0)
-    from clip_glofnd.preflight import check_run
-    check_run(cfg)                                                        # every path and name, before any work
-    if ns.dry_run:
-        run_dir = Path(cfg.run.logs).absolute() / (cfg.run.name or "<date>-<model>-<loss>-<fnd>")
-        sys.stdout.write(f"{dump(cfg)}# run folder: {run_dir}\n")
-        return 0
-    from clip_glofnd import train                                         # torch / open_clip load only now
-    return train.main(cfg)

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from clip_glofnd import report
+from clip_glofnd.report import LambdaPlot
 
 if TYPE_CHECKING:
     from clip_glofnd.config import TrainConfig
@@ -44,20 +44,6 @@ def _plain(value: Any) -> Any:
 
 def _is_number(key: str, value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
-
-
-@dataclass(frozen=True)
-class LambdaPlot:
-    """A λ histogram PNG (plot_lambda) and the λ values it shows: in a log record, metrics.jsonl gets the file name,
-    TensorBoard and W&B the image and the histograms."""
-
-    path: Path
-    img: np.ndarray                        # λ of the image anchors seen at least once
-    txt: np.ndarray                        # ... of the text anchors
-
-    def series(self) -> dict[str, np.ndarray]:
-        """{"img": ..., "txt": ...}, the modalities with values."""
-        return {name: values for name, values in (("img", self.img), ("txt", self.txt)) if values.size}
 
 
 class RunLogger:

@@ -20,6 +20,7 @@ import os
 import secrets
 import string
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,22 @@ from clip_glofnd.errors import UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-    from clip_glofnd.logger import LambdaPlot
-
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}         # reporter -> its package (and our extra's name)
 LAMBDA = "lambda"                  # λ charts: lambda/img and lambda/txt (histograms), lambda/plot (the PNG)
+
+
+@dataclass(frozen=True)
+class LambdaPlot:
+    """A λ histogram PNG (plot_lambda) and the λ values it shows: in a log record, metrics.jsonl gets the file name,
+    TensorBoard and W&B the image and the histograms."""
+
+    path: Path
+    img: np.ndarray                        # λ of the image anchors seen at least once
+    txt: np.ndarray                        # ... of the text anchors
+
+    def series(self) -> dict[str, np.ndarray]:
+        """{"img": ..., "txt": ...}, the modalities with values."""
+        return {name: values for name, values in (("img", self.img), ("txt", self.txt)) if values.size}
 
 
 def check_installed(reporters: Iterable[str]) -> None:

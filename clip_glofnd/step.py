@@ -293,7 +293,7 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | 
     cfg, dist = parts.cfg, parts.dist
     batch, ids_all, state_ids, labels_all = prepare_batch(batch, parts)
     micro = micro_batches(batch, cfg.optim.accum_freq)
-    undo = _before_step(parts, state_ids)
+    undo = snapshot(parts, state_ids)
     parts.optimizer.zero_grad(set_to_none=True)
     cached = cached_features(parts, micro)
     masks: tuple[Tensor | None, Tensor | None] = (None, None)
@@ -315,7 +315,7 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | 
             # backward
             parts.scaler.scale(loss).backward()
     ok = _optimizer_step(parts, finite & torch.isfinite(loss.detach()).all())
-    _undo_unless(parts, undo, ok)
+    undo_unless(parts, undo, ok)
     # per-sample state: each rank wrote the rows of its own anchors; back to where they live (all ranks agree)
     parts.store.commit()
     loss = torch.where(ok, loss.detach().float(), torch.full_like(loss.detach().float(), math.nan))
@@ -323,7 +323,7 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | 
 
 
 @dataclass
-class _Undo:
+class Undo:
     """What a step writes besides weights and optimizer: the per-sample rows of its anchors and the model's floating
     buffers (BatchNorm statistics), as they were before it."""
 
@@ -333,14 +333,14 @@ class _Undo:
 
 
 @torch.no_grad()
-def _before_step(parts: Parts, ids: Tensor) -> _Undo:
+def snapshot(parts: Parts, ids: Tensor) -> Undo:
     rows = {name: holder.export_rows(ids) for name, holder in parts.store.holders.items()}
     buffers = [(buf, buf.clone()) for buf in parts.unwrapped.buffers() if buf.is_floating_point()]
-    return _Undo(ids, {name: r for name, r in rows.items() if r}, buffers)
+    return Undo(ids, {name: r for name, r in rows.items() if r}, buffers)
 
 
 @torch.no_grad()
-def _undo_unless(parts: Parts, undo: _Undo, ok: Tensor) -> None:
+def undo_unless(parts: Parts, undo: Undo, ok: Tensor) -> None:
     """Where `ok` is False (a skipped step) put back the step's per-sample rows and buffers, on the device."""
     for name, old in undo.rows.items():
         holder = parts.store.holders[name]

@@ -11,7 +11,7 @@ recovers it with the model frozen before the first update. Here, N passes over t
   updating, its running statistics (RN50), so the features are the starting model's own, deterministic ones and
   nothing about the model changes; the images still go through the training transform, so λ and u describe the
   similarities training will compute;
-- per batch, exactly the state updates of a training step (`train.filter_negatives`, then the loss, which updates
+- per batch, exactly the state updates of a training step (`step.filter_negatives`, then the loss, which updates
   u): λ of image and text anchors learns whatever --fnd-start-epoch says (the warm-up is there to fill it), masks
   and u's rate γ are those of the first training epoch; the rows are fetched from and committed to the state store
   (whatever --state-device / --state-sharding say), as in `train_step`. (TuneCLIP
@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,11 +37,9 @@ from clip_glofnd import distributed
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import is_main
 from clip_glofnd.logger import RunLogger, progress
-from clip_glofnd.step import encode, prepare_batch
+from clip_glofnd.loop import Progress, lambda_report
+from clip_glofnd.step import Parts, encode, filter_negatives, prepare_batch
 
-if TYPE_CHECKING:
-    from clip_glofnd.step import Parts
-    from clip_glofnd.train import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +56,6 @@ def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor |
     """One forward-only step of the frozen model: update λ (both modalities) and the loss's u on `batch` as a training
     step at `epoch` would, sync the rows over ranks; returns 0-d tensors for logging (loss, filtered fractions, λ, u),
     read only on log steps."""
-    from clip_glofnd import train
     cfg, dist = parts.cfg, parts.dist
     batch, ids_all, state_ids, labels_all = prepare_batch(batch, parts)
     b = len(batch)
@@ -66,7 +63,7 @@ def warmup_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor |
         img, txt, logit_scale = encode(parts.unwrapped, batch)                            # [b, d], [b, d], []
     img_all, txt_all = distributed.all_gather_no_grad([img, txt], dist)                   # [B, d]
     learn_epoch = max(epoch, cfg.fnd.start_epoch)                                          # λ learns during warm-up
-    keep_i2t, keep_t2i, fnd_stats = train.filter_negatives(parts, img, txt, img_all, txt_all, batch, labels_all,
+    keep_i2t, keep_t2i, fnd_stats = filter_negatives(parts, img, txt, img_all, txt_all, batch, labels_all,
                                                            epoch, ids=state_ids, learn_epoch=learn_epoch)
     loss, loss_metrics = parts.loss_fn(img, txt, img_all, txt_all, ids=state_ids, ids_all=ids_all, epoch=epoch,
                                        keep_i2t=keep_i2t, keep_t2i=keep_t2i, offset=dist.rank * b,
@@ -96,11 +93,10 @@ def _pass_record(parts: Parts, state: Progress, run_dir: Path, warmup_epoch: int
                  ) -> dict[str, Any]:
     """The end-of-pass record: time, steps, λ quantiles over the samples seen so far (and lambda_warmup.png), mean
     u of the samples set (of the rows this rank holds: all of them unless --state-sharding by-id)."""
-    from clip_glofnd import train
     store = parts.store
     record: dict[str, Any] = {"step": state.step, "phase": PHASE, "warmup_epoch": warmup_epoch,
                               "warmup_epochs_done": warmup_epoch + 1, "warmup_steps": steps, "warmup_time": seconds}
-    record.update(train.lambda_report(parts, run_dir / "lambda_warmup.png",
+    record.update(lambda_report(parts, run_dir / "lambda_warmup.png",
                                       f"{run_dir.name}: λ after {warmup_epoch + 1} state warm-up pass(es)"))
     for name in ("u_img", "u_txt"):
         u = store.table("loss", name) if name in store.keys["loss"] else None
@@ -113,7 +109,7 @@ def warm_up_state(parts: Parts, state: Progress, run_dir: Path, log: RunLogger, 
                   save: Callable[[Parts, Progress, Path], None]) -> None:
     """Run the warm-up passes still to do (none once training has started), checkpointing after each with `save`.
 
-    `make_loader(epoch)` builds the training loader for a data-order seed; `state` (train.Progress) counts the passes
+    `make_loader(epoch)` builds the training loader for a data-order seed; `state` (loop.Progress) counts the passes
     done in `state.warmup_epochs`.
     """
     total = parts.cfg.optim.state_warmup_epochs

@@ -11,33 +11,34 @@ import open_clip
 import pytest
 import torch
 
-from clip_glofnd import checkpoint, train
+from clip_glofnd import checkpoint
 from clip_glofnd.config import from_flat, to_flat
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import DistInfo
 from clip_glofnd.errors import UsageError
 from clip_glofnd.model import create_model
+from clip_glofnd.step import Parts, build_parts, train_step
 
 N = 16
 
 
-def make_parts(model_name: str = "clip-tiny", seed: int = 0) -> train.Parts:
+def make_parts(model_name: str = "clip-tiny", seed: int = 0) -> Parts:
     """Parts for FastCLIP-v3 + GloFND (the most state: λ/m/v/steps × 2, u × 2, τ, AdamW moments)."""
     torch.manual_seed(seed)
     cfg = from_flat({"train_data": "x", "model": model_name, "batch_size": 8, "loss": "fastclip", "fnd": "glofnd",
                      "fnd_alpha": 0.2, "fnd_lr": 0.3})
-    return train.build_parts(cfg, DistInfo(), create_model(model_name)[0], num_samples=N)
+    return build_parts(cfg, DistInfo(), create_model(model_name)[0], num_samples=N)
 
 
-def stepped_parts() -> train.Parts:
+def stepped_parts() -> Parts:
     parts = make_parts()
     batch = Batch(torch.randn(8, 3, 64, 64), torch.randint(1, 400, (8, 32)), torch.arange(8) * 2, None)
     for _ in range(2):
-        train.train_step(batch, parts, epoch=0)
+        train_step(batch, parts, epoch=0)
     return parts
 
 
-def state_of(parts: train.Parts) -> dict:
+def state_of(parts: Parts) -> dict:
     return checkpoint.make_state(model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                                  fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn, epoch=1, step=2,
                                  name="run", config=to_flat(parts.cfg), data={"epoch": 1, "batch": 0,
@@ -45,13 +46,13 @@ def state_of(parts: train.Parts) -> dict:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.Parts]:
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Parts]:
     parts = stepped_parts()
     path = checkpoint.save_atomic(state_of(parts), tmp_path_factory.mktemp("ckpt") / "epoch_1.pt")
     return path, parts
 
 
-def test_weights_only_load_holds_everything(saved: tuple[Path, train.Parts]) -> None:
+def test_weights_only_load_holds_everything(saved: tuple[Path, Parts]) -> None:
     path, parts = saved
     ckpt = torch.load(path, weights_only=True)
     assert {"state_dict", "epoch", "step", "name", "config", "optimizer", "scaler", "glofnd", "loss", "data",
@@ -62,7 +63,7 @@ def test_weights_only_load_holds_everything(saved: tuple[Path, train.Parts]) -> 
     torch.testing.assert_close(ckpt["loss"]["u_txt"], parts.loss_fn.u_txt)
 
 
-def test_open_clip_loads_our_checkpoint(saved: tuple[Path, train.Parts]) -> None:
+def test_open_clip_loads_our_checkpoint(saved: tuple[Path, Parts]) -> None:
     """open_clip.create_model_and_transforms(arch, pretrained=our file) gives our weights."""
     path, parts = saved
     model, _, _ = open_clip.create_model_and_transforms("clip-tiny", pretrained=str(path))
@@ -72,7 +73,7 @@ def test_open_clip_loads_our_checkpoint(saved: tuple[Path, train.Parts]) -> None
         torch.testing.assert_close(value, ours[key], rtol=0, atol=0)
 
 
-def test_restore_round_trip(saved: tuple[Path, train.Parts]) -> None:
+def test_restore_round_trip(saved: tuple[Path, Parts]) -> None:
     """A fresh run restored from the file equals the one that wrote it, RNG streams included."""
     path, parts = saved
     fresh = make_parts(seed=1)
@@ -90,7 +91,7 @@ def test_restore_round_trip(saved: tuple[Path, train.Parts]) -> None:
         torch.testing.assert_close(state_of(fresh)[key], state_of(parts)[key], rtol=0, atol=0, msg=key)
 
 
-def test_restore_refuses_another_architecture(saved: tuple[Path, train.Parts], tmp_path: Path) -> None:
+def test_restore_refuses_another_architecture(saved: tuple[Path, Parts], tmp_path: Path) -> None:
     path, _ = saved
     other = make_parts("RN50")
     with pytest.raises(UsageError, match="does not fit"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clip_glofnd import cli
-from clip_glofnd.config import train_main
+from clip_glofnd.cli import train_command as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.sh") if re.search(r"clip-glofnd|clip_glofnd\.cli",

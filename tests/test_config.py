@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from clip_glofnd.config import (SECTIONS, DataConfig, FndConfig, LossConfig, TrainConfig, build_parser, dump, from_flat,
-                                parse_config, to_argv, to_flat, train_main)
+                                parse_config, to_argv, to_flat)
+from clip_glofnd.cli import train_command as train_main
 from clip_glofnd.errors import UsageError
 
 DATA = ["--train-data", "/data/{0..9}.tar"]

@@ -1,4 +1,4 @@
-"""distributed.py: launcher env parsing, the collectives, and the real `train.train_step` on 2 and 4 gloo processes
+"""distributed.py: launcher env parsing, the collectives, and the real `train_step` on 2 and 4 gloo processes
 against 1 process on the concatenated batch, for every placement of the per-sample state (clip_glofnd/state.py).
 
 Oracle: one process × batch 8 in the default placement (world size 1: every collective is the identity) is the
@@ -24,11 +24,13 @@ from conftest import join_or_kill
 import torch
 from torch import Tensor, nn
 
-from clip_glofnd import checkpoint, distributed, train
+from clip_glofnd import checkpoint, distributed, loop, train
 from clip_glofnd.config import from_flat
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import DistInfo, dist_info_from_env, first_host
 from clip_glofnd.glofnd import GloFND
+from clip_glofnd.resume import lr_factor
+from clip_glofnd.step import Parts, build_parts, set_lr, train_step
 
 WORLD = 2
 SINGLE = DistInfo()
@@ -310,7 +312,7 @@ def _local_batch(data: tuple[Tensor, Tensor], step: int, dist: DistInfo) -> Batc
     return Batch(data[0][ids], data[1][ids], ids, None)
 
 
-def _snapshot(parts: train.Parts, step: int) -> dict[str, Any]:
+def _snapshot(parts: Parts, step: int) -> dict[str, Any]:
     """What rank 0 writes as a checkpoint (checkpoint.make_state; no per-sample rows when sharded), plus the rows
     this rank holds and their ids; detached from the live tensors."""
     views = parts.store.views(rows_in_file=not parts.store.sharded)
@@ -323,13 +325,13 @@ def _snapshot(parts: train.Parts, step: int) -> dict[str, Any]:
 def run_steps(loss: str, model: str, dist: DistInfo, start: int = 0, ckpt: dict[str, Any] | None = None,
               placement: tuple[str, str] = DEFAULT, stop: int = STEPS, save_at: int | None = None,
               run_dir: Path | None = None, resume: Path | None = None) -> dict[str, Any]:
-    """train.train_step for steps start..stop-1 on parts from train.build_parts; per-step metrics, the checkpoint
+    """train_step for steps start..stop-1 on parts from build_parts; per-step metrics, the checkpoint
     state before step SNAPSHOT_AT and at the end. `ckpt`: checkpoint.restore a snapshot first; `resume`: a checkpoint
     file through train.resume; `save_at`: train.save_checkpoints into `run_dir` before that step (or at the end)."""
     from clip_glofnd.model import create_model
     torch.manual_seed(0)
     cfg = _config(loss, model, dist.world_size, placement, resume=None if resume is None else str(resume))
-    parts = train.build_parts(cfg, dist, create_model(model)[0], num_samples=N)
+    parts = build_parts(cfg, dist, create_model(model)[0], num_samples=N)
     if ckpt is not None:
         checkpoint.restore(ckpt, "snapshot", model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler,
                            fnd_img=parts.fnd_img, fnd_txt=parts.fnd_txt, loss_fn=parts.loss_fn)
@@ -340,11 +342,11 @@ def run_steps(loss: str, model: str, dist: DistInfo, start: int = 0, ckpt: dict[
         if step == SNAPSHOT_AT:
             snapshot = _snapshot(parts, step)
         if step == save_at:
-            train.save_checkpoints(parts, train.Progress(epoch=step, step=step), run_dir)
+            train.save_checkpoints(parts, loop.Progress(epoch=step, step=step), run_dir)
         if step == stop:
             break
-        train.set_lr(parts.optimizer, train.lr_factor(step, parts.cfg.optim.warmup, STEPS))
-        metrics.append(train.train_step(_local_batch(data, step, dist), parts, epoch=step * GLOBAL_BATCH // N))
+        set_lr(parts.optimizer, lr_factor(step, parts.cfg.optim.warmup, STEPS))
+        metrics.append(train_step(_local_batch(data, step, dist), parts, epoch=step * GLOBAL_BATCH // N))
     return {"metrics": metrics, "snapshot": snapshot, "final": _snapshot(parts, stop)}
 
 

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 
-from clip_glofnd import train
 from clip_glofnd.config import from_flat
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import DistInfo
 from clip_glofnd.glofnd import GloFND
 from clip_glofnd.losses import create_loss
 from clip_glofnd.state import StateStore, held_ids, working_rows
+from clip_glofnd.step import build_parts, train_step
 
 N, B = 16, 8
 MICRO = {"embed_dim": 16,                                  # 1-layer open_clip ViT + text transformer
@@ -44,14 +44,14 @@ def _train(model: str, device: str, sharding: str) -> dict[str, Any]:
     cfg = from_flat({"train_data": "x", "model": model, "batch_size": B, "loss": "fastclip", "fnd": "glofnd",
                      "fnd_alpha": 0.2, "fnd_lr": 0.3, "fnd_init": "quantile", "lr": 1e-3, "warmup": 1,
                      "state_device": device, "state_sharding": sharding})
-    parts = train.build_parts(cfg, DistInfo(), create_model(model)[0], num_samples=N)
+    parts = build_parts(cfg, DistInfo(), create_model(model)[0], num_samples=N)
     g = torch.Generator().manual_seed(3)
     metrics = []
     for _ in range(3):
         ids = torch.randint(N, (B,), generator=g)                                   # repeats within a batch
         batch = Batch(torch.randn(B, 3, 32, 32, generator=g), torch.randint(1, 49406, (B, 16), generator=g), ids,
                       None)
-        metrics.append(train.train_step(batch, parts, epoch=0))
+        metrics.append(train_step(batch, parts, epoch=0))
     views = parts.store.views()
     return copy.deepcopy({"state": {name: view.state_dict() for name, view in views.items()}, "metrics": metrics,
                           "weights": parts.unwrapped.state_dict(), "rows": working_rows(N, B, device, sharding),
@@ -178,11 +178,11 @@ def test_cpu_tables_with_cuda_training_equal_the_default(micro_model: str, tmp_p
         torch.manual_seed(0)
         cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": B, "loss": "sogclr", "fnd": "glofnd",
                          "fnd_alpha": 0.2, "state_device": device, "device": "cuda"})
-        parts = train.build_parts(cfg, DistInfo(device=torch.device("cuda", 0)), create_model(micro_model)[0], N)
+        parts = build_parts(cfg, DistInfo(device=torch.device("cuda", 0)), create_model(micro_model)[0], N)
         g = torch.Generator().manual_seed(3)
         for _ in range(3):
             batch = Batch(torch.randn(B, 3, 32, 32, generator=g), torch.randint(1, 49406, (B, 16), generator=g),
                           torch.randint(N, (B,), generator=g), None)
-            train.train_step(batch, parts, epoch=0)
+            train_step(batch, parts, epoch=0)
         results.append({k: v.cpu() for k, v in parts.store.views()["fnd_img"].state_dict().items()})
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)

@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_glofnd import checkpoint, cli, train
+from clip_glofnd import checkpoint, cli, loop, resume, train
 from clip_glofnd import step as step_module
 from clip_glofnd.config import from_flat
 from clip_glofnd.data import Batch
 from clip_glofnd.distributed import DistInfo
 from clip_glofnd.errors import UsageError
 from clip_glofnd.logger import read_jsonl
+from clip_glofnd.step import Parts, build_parts, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,13 +146,13 @@ def test_resume_equals_uninterrupted(straight: dict, digits_dir: Path, micro_mod
     assert (ckpt["glofnd"]["img"]["steps"] == 2).sum() > 0            # some samples were updated in both epochs
 
 
-def _parts(micro_model: str, accum: int) -> train.Parts:
+def _parts(micro_model: str, accum: int) -> Parts:
     from clip_glofnd.model import create_model
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "accum_freq": accum, "fnd": "glofnd",
                      "fnd_alpha": 0.2})
     model = create_model(micro_model)[0]
-    return train.build_parts(cfg, DistInfo(), model, num_samples=16)
+    return build_parts(cfg, DistInfo(), model, num_samples=16)
 
 
 def test_accumulation_gives_the_unsplit_gradient(micro_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,7 +162,7 @@ def test_accumulation_gives_the_unsplit_gradient(micro_model: str, monkeypatch: 
     grads, lams = [], []
     for accum in (1, 2):
         parts = _parts(micro_model, accum)
-        train.train_step(batch, parts, epoch=0)
+        train_step(batch, parts, epoch=0)
         grads.append({n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None})
         lams.append(parts.fnd_img.threshold.clone())
     assert grads[0].keys() == grads[1].keys() and "logit_scale" in grads[0]
@@ -196,7 +197,7 @@ def test_lr_schedule_matches_open_clip() -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     reference = cosine_lr(optimizer, 0.1, 5, 50)
     for step in range(50):
-        assert 0.1 * train.lr_factor(step, 5, 50) == pytest.approx(reference(step), abs=1e-12)
+        assert 0.1 * resume.lr_factor(step, 5, 50) == pytest.approx(reference(step), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------- 2 ranks (gloo, CPU) == 1 process
@@ -220,14 +221,14 @@ def _steps_state(model_path: str, dist: DistInfo) -> list[dict]:
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": model_path, "batch_size": 8 // dist.world_size, "loss": "fastclip",
                      "fnd": "glofnd", "fnd_alpha": 0.3, "fnd_lr": 0.5})
-    parts = train.build_parts(cfg, dist, create_model(model_path)[0], num_samples=12)
+    parts = build_parts(cfg, dist, create_model(model_path)[0], num_samples=12)
     parts.optimizer.step = lambda *args, **kwargs: None                               # keep weights fixed
     g = torch.Generator().manual_seed(1)
     images, texts = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 400, (8, 16), generator=g)
     rows = slice(dist.rank * cfg.optim.batch_size, (dist.rank + 1) * cfg.optim.batch_size)
     out = []
     for ids in (torch.arange(8), torch.tensor([4, 5, 6, 7, 8, 9, 10, 11])):         # ids 4..7 are seen twice
-        train.train_step(Batch(images[rows], texts[rows], ids[rows], None), parts, epoch=0)
+        train_step(Batch(images[rows], texts[rows], ids[rows], None), parts, epoch=0)
         out.append({"grads": {n: p.grad.clone() for n, p in parts.unwrapped.named_parameters() if p.grad is not None},
                     "tau_grad": parts.loss_fn.log_inv_tau.grad.clone(), "img": dict(parts.fnd_img.state_dict()),
                     "txt": dict(parts.fnd_txt.state_dict()), "loss": dict(parts.loss_fn.state_dict())})
@@ -260,17 +261,17 @@ def test_mixed_precision_step(precision: str, micro_model: str) -> None:
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "precision": precision,
                      "loss": "fastclip", "fnd": "glofnd", "fnd_alpha": 0.2})
-    parts = train.build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=8)
+    parts = build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=8)
     before = parts.unwrapped.visual.conv1.weight.clone()
     batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16)), torch.arange(8), None)
-    metrics = train.train_step(batch, parts, epoch=0)
+    metrics = train_step(batch, parts, epoch=0)
     assert parts.scaler.is_enabled() == (precision == "amp")
     assert torch.isfinite(torch.tensor(metrics["loss"])) and parts.unwrapped.visual.conv1.weight.dtype == torch.float32
     assert not torch.equal(before, parts.unwrapped.visual.conv1.weight) and (parts.fnd_img.threshold[:8] < 1).all()
 
 
 # ------------------------------------------------------------------------------------------- faults (issue 12)
-def _state_of(parts: train.Parts) -> dict:
+def _state_of(parts: Parts) -> dict:
     """Everything a step may change: weights, buffers, optimizer, λ/m/v/steps, u."""
     return copy.deepcopy({"model": parts.unwrapped.state_dict(), "optimizer": parts.optimizer.state_dict(),
                           "img": parts.fnd_img.state_dict(), "txt": parts.fnd_txt.state_dict(),
@@ -285,9 +286,9 @@ def test_nonfinite_step_is_skipped_and_undone(fault: str, micro_model: str, monk
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": micro_model, "batch_size": 8, "loss": "fastclip", "fnd": "glofnd",
                      "fnd_alpha": 0.2})
-    parts = train.build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=16)
+    parts = build_parts(cfg, DistInfo(), create_model(micro_model)[0], num_samples=16)
     batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16)), torch.arange(8), None)
-    assert train.train_step(batch, parts, epoch=0)["nonfinite"] == 0.0               # a normal step first
+    assert train_step(batch, parts, epoch=0)["nonfinite"] == 0.0               # a normal step first
     before = _state_of(parts)
     if fault == "nan image":
         batch.images[3] = float("nan")
@@ -297,7 +298,7 @@ def test_nonfinite_step_is_skipped_and_undone(fault: str, micro_model: str, monk
         forward = parts.loss_fn.forward
         monkeypatch.setattr(parts.loss_fn, "forward", lambda *a, **k: (lambda out: (out[0] * float("inf"), out[1]))(
             forward(*a, **k)))
-    metrics = train.train_step(batch, parts, epoch=0)
+    metrics = train_step(batch, parts, epoch=0)
     assert metrics["nonfinite"] == 1.0 and math.isnan(metrics["loss"])
     torch.testing.assert_close(_state_of(parts), before, rtol=0, atol=0)
 
@@ -374,7 +375,7 @@ def test_resume_with_another_batch_size_warns_and_continues_the_lr(digits_dir: P
         (run / "config.yaml").read_text()
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    expected = [1e-3 * train.lr_factor(p, 1, 4) for p in (0, 1, 2, 2.5, 3, 3.5)]
+    expected = [1e-3 * resume.lr_factor(p, 1, 4) for p in (0, 1, 2, 2.5, 3, 3.5)]
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
 
 
@@ -403,10 +404,10 @@ def test_duplicate_id_across_processes_is_an_error_on_every_rank(digits_dir: Pat
     from clip_glofnd.seen import SeenIds
     cfg = from_flat({"train_data": str(digits_dir / "train" / "{00000..00011}.tar"), "model": micro_model})
     parts = SimpleNamespace(cfg=cfg, dist=DistInfo())
-    run = train.EpochRun(loader=None, schedule=None, means=None, seen_all=SeenIds(1500))
+    run = loop.EpochRun(loader=None, schedule=None, means=None, seen_all=SeenIds(1500))
     batch = Batch(None, None, torch.tensor([5, 6, 7]), None, torch.tensor([True, True, False]))
-    train.check_across_ranks(batch, run, parts)
-    train.check_across_ranks(Batch(None, None, torch.tensor([7, 8]), None, torch.tensor([True, True])), run, parts)
+    loop.check_across_ranks(batch, run, parts)
+    loop.check_across_ranks(Batch(None, None, torch.tensor([7, 8]), None, torch.tensor([True, True])), run, parts)
     with pytest.raises(UsageError, match=r"id 6 comes twice in this epoch, on two processes: .*0000\d\.tar: sample"):
-        train.check_across_ranks(Batch(None, None, torch.tensor([9, 6]), None, torch.tensor([True, True])), run,
+        loop.check_across_ranks(Batch(None, None, torch.tensor([9, 6]), None, torch.tensor([True, True])), run,
                                  parts)

@@ -2,7 +2,7 @@
 
 Two spawned processes get torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and run
 `cli.main(["train", ...])` for one epoch on the digits shards with zero-shot evaluation after the epoch (rank 0
-evaluates, rank 1 waits at the barrier). Oracles: the ids each rank trained on (recorded around `train.train_step`),
+evaluates, rank 1 waits at the barrier). Oracles: the ids each rank trained on (recorded around `loop.train_step`),
 the state each rank held when the checkpoint was written, and which rank called `checkpoint.save_atomic`. The same
 first epoch with `--state-sharding by-id --state-device cpu` must end with the replicated run's weights and state
 (slow: two more processes). Every multi-process job has a deadline, so a hang fails instead of blocking CI.
@@ -21,7 +21,7 @@ import pytest
 from conftest import join_or_kill
 import torch
 
-from clip_glofnd import checkpoint, cli, train
+from clip_glofnd import checkpoint, cli, loop, train
 from clip_glofnd.logger import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     seen: dict[str, Any] = {"ids": [], "saves": [], "state": None}
-    step, save_checkpoints, save_atomic = train.train_step, train.save_checkpoints, checkpoint.save_atomic
+    step, save_checkpoints, save_atomic = loop.train_step, train.save_checkpoints, checkpoint.save_atomic
 
     def record_step(batch, parts, *, epoch):
         seen["ids"].append(batch.ids.clone())
@@ -72,7 +72,7 @@ def _rank_main(rank: int, argv: list[str], port: int, out: Path) -> None:
         seen["saves"].append(Path(path).name)
         return save_atomic(ckpt, path)
 
-    train.train_step, train.save_checkpoints, checkpoint.save_atomic = record_step, record_state, record_save
+    loop.train_step, train.save_checkpoints, checkpoint.save_atomic = record_step, record_state, record_save
     rc = cli.main(argv)
     torch.save({"rc": rc, **seen, "ids": torch.cat(seen["ids"])}, out / f"rank{rank}.pt")
 
@@ -96,17 +96,17 @@ def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
                                str(digits_dir / "wds" / "digits_cls"), "--eval-every", "1"), tmp)
     first = torch.load(logs / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
     resumed_ids: list[torch.Tensor] = []
-    step = train.train_step
+    step = loop.train_step
 
     def record_step(batch, parts, *, epoch):
         resumed_ids.append(batch.ids.clone())
         return step(batch, parts, epoch=epoch)
 
-    train.train_step = record_step
+    loop.train_step = record_step
     try:
         rc = cli.main(_argv(digits_dir, str(model), logs, 32, 2, "--resume", "latest"))
     finally:
-        train.train_step = step
+        loop.train_step = step
     last = torch.load(logs / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     return {"ranks": ranks, "run_dir": logs / "run", "first": first, "rc": rc, "last": last,
             "resumed_ids": torch.cat(resumed_ids)}
@@ -239,7 +239,7 @@ def _resume_rank_main(rank: int, argvs: dict[str, list[str]], ports: list[int], 
     """A spawned rank runs three jobs in turn: straight, crashed after step CRASH_AT, resumed with --resume latest."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
-    step, calls = train.train_step, [0]
+    step, calls = loop.train_step, [0]
 
     def crashing(batch, parts, *, epoch):
         calls[0] += 1
@@ -249,13 +249,13 @@ def _resume_rank_main(rank: int, argvs: dict[str, list[str]], ports: list[int], 
 
     os.environ["MASTER_PORT"] = str(ports[0])
     rcs = [cli.main(argvs["straight"])]
-    os.environ["MASTER_PORT"], train.train_step = str(ports[1]), crashing
+    os.environ["MASTER_PORT"], loop.train_step = str(ports[1]), crashing
     try:
         cli.main(argvs["crashed"])
     except Crash:
         rcs.append("crashed")
     finally:
-        train.train_step = step
+        loop.train_step = step
     if rank == 0:
         shutil.copy(Path(argvs["crashed"][argvs["crashed"].index("--logs") + 1]) / "crashed" / "checkpoints" /
                     checkpoint.LATEST, out / "mid_epoch.pt")

@@ -1,6 +1,6 @@
 """--state-warmup-epochs: forward-only passes of the frozen model that fill λ (both modalities) and u before epoch 1.
 
-Oracles: the similarities the warm-up really computed (recorded around `train.filter_negatives`) replayed by hand —
+Oracles: the similarities the warm-up really computed (recorded around `warmup.filter_negatives`) replayed by hand —
 SogCLR's u as the brute-force moving average of g_i = mean_j exp((s_ij − s_ii)/τ), λ against the exact (1 − α)
 quantile of each sample's recorded negatives; the starting weights (copied before the warm-up); an uninterrupted
 run against one crashed after its first warm-up pass and resumed; the config errors by their flag names.
@@ -73,7 +73,7 @@ def warmed(small_digits: Path, micro_model: str, tmp_path_factory: pytest.TempPa
     """6 warm-up passes, stopped before epoch 1: recorded per-step similarities, weights before, checkpoint after."""
     tmp = tmp_path_factory.mktemp("warmed")
     seen: dict[str, Any] = {"steps": []}
-    filter_negatives, warm_up_state, run_epoch = train.filter_negatives, train.warm_up_state, train.run_epoch
+    filter_negatives, warm_up_state, run_epoch = warmup.filter_negatives, train.warm_up_state, train.run_epoch
 
     def record(parts, img, txt, img_all, txt_all, batch, labels_all, epoch, **kwargs):
         seen["steps"].append({"ids": batch.ids.clone(), "s_i2t": img @ txt_all.T, "s_t2i": txt @ img_all.T,
@@ -87,12 +87,12 @@ def warmed(small_digits: Path, micro_model: str, tmp_path_factory: pytest.TempPa
     def stop(*args, **kwargs):
         raise Stop
 
-    train.filter_negatives, train.warm_up_state, train.run_epoch = record, keep_weights, stop
+    warmup.filter_negatives, train.warm_up_state, train.run_epoch = record, keep_weights, stop
     try:
         with pytest.raises(Stop):
             cli.main(argv(small_digits, micro_model, tmp, "w", "--state-warmup-epochs", "6"))
     finally:
-        train.filter_negatives, train.warm_up_state, train.run_epoch = filter_negatives, warm_up_state, run_epoch
+        warmup.filter_negatives, train.warm_up_state, train.run_epoch = filter_negatives, warm_up_state, run_epoch
     seen["ckpt"] = torch.load(tmp / "w" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     seen["records"] = read_jsonl(tmp / "w" / "metrics.jsonl")
     return seen
