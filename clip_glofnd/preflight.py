@@ -23,11 +23,11 @@ from clip_glofnd.report import check_installed
 def check_run(cfg: TrainConfig) -> None:
     """UsageError naming the flag and path of the first thing the run could not open."""
     from clip_glofnd.evaluate import open_datasets
-    from clip_glofnd.model import is_local as _is_local
+    from clip_glofnd.model import is_local
     check_installed(cfg.run.reporters)                                  # --report-to's packages
     check_model(cfg.model.model)
     if cfg.model.pretrained is not None:
-        _named("--pretrained", _is_local, cfg.model.pretrained)         # a path-like value must be an existing file
+        _named("--pretrained", is_local, cfg.model.pretrained)         # a path-like value must be an existing file
     check_train_data(cfg.data.train_data, cfg.data.num_samples)
     _named("--zeroshot-data", open_datasets, zeroshot_data=cfg.run.zeroshot_data)
     _named("--retrieval-data", open_datasets, retrieval_data=cfg.run.retrieval_data)
@@ -73,12 +73,12 @@ def check_model(model: str) -> None:
 
 def check_train_data(pattern: str, num_samples: int | None) -> None:
     """Every local shard of --train-data exists, and the id space is known (sizes.json or --num-samples)."""
-    from clip_glofnd.shards import expand_sources, local_path as _local_path, resolve_shards
+    from clip_glofnd.shards import expand_sources, local_path, resolve_shards
     urls = [url for source in expand_sources(pattern) for url in source]
-    missing = [url for url in urls if (path := _local_path(url)) is not None and not Path(path).is_file()]
+    missing = [url for url in urls if (path := local_path(url)) is not None and not Path(path).is_file()]
     if missing:
         raise UsageError(f"--train-data: {len(missing)} of {len(urls)} shards not found (first: "
-                         f"{Path(_local_path(missing[0])).absolute()})")
+                         f"{Path(local_path(missing[0])).absolute()})")
     resolve_shards(pattern, num_samples)
 
 
