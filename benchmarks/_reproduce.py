@@ -13,8 +13,9 @@ Per run, from the trainer's own metrics.jsonl:
   pooled: precision = true / filtered, recall = true / same-class negatives present, F1;
 - the filtered fraction of negatives per epoch (against α), λ over training (GloFND), wall time.
 
-The summary is mean ± std over seeds per (loss, filter), and the issue's targets are checked per loss for both GloFND
-starts: filtered fraction within ×1.5 of α in every masking epoch (mean over seeds); FN F1 ≥ fnd's + 0.10; zero-shot
+The summary is mean ± std over seeds per (loss, filter) and, per filter, its paired acc1 difference to no filter on the
+same seed (same initialisation and data order) with a 95% t interval over the seeds; the issue's targets are checked
+per loss for both GloFND starts (the paired ones: interval above 0, and 0 not above it): filtered fraction within ×1.5 of α in every masking epoch (mean over seeds); FN F1 ≥ fnd's + 0.10; zero-shot
 acc1 not below no filter by more than one std (of no filter's seeds) and closing at least half of the none → oracle
 gap (when the oracle is ahead). Results are written as measured, targets met or not.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
-from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores
+from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores, paired_interval
 
 LOSSES = ("clip", "sogclr")
 VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
@@ -223,8 +224,20 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for key, get in SUMMARY_KEYS.items():
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std([get(r) for r in mine])
             row["filtered_per_epoch"] = [statistics.mean(v) for v in zip(*(r["filtered_per_epoch"] for r in mine))]
+            if variant != "none":
+                row["zeroshot_acc1_paired"] = paired_acc1(runs, loss, variant)
             rows.append(row)
     return rows
+
+
+def paired_acc1(runs: list[dict[str, Any]], loss: str, variant: str) -> dict[str, Any]:
+    """acc1 of `variant` minus no filter's on the same seed (the same initialisation and data order), per seed, with
+    the mean and its 95% t interval (compare.paired_interval)."""
+    base = {r["seed"]: r["zeroshot_acc1"] for r in runs if r["loss"] == loss and r["variant"] == "none"
+            and r["zeroshot_acc1"] is not None}
+    pairs = [(r["seed"], r["zeroshot_acc1"] - base[r["seed"]]) for r in _runs_of(runs, loss, variant)
+             if r["seed"] in base and r["zeroshot_acc1"] is not None]
+    return {"seeds": [s for s, _ in pairs], "diffs": [d for _, d in pairs], **paired_interval([d for _, d in pairs])}
 
 
 def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> list[dict[str, Any]]:
@@ -240,6 +253,12 @@ def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> 
             if "fnd" in by and row["fn_f1_mean"] is not None and by["fnd"]["fn_f1_mean"] is not None:
                 item["fn_f1_minus_fnd"] = row["fn_f1_mean"] - by["fnd"]["fn_f1_mean"]
                 item["fn_f1_10_points_over_fnd"] = item["fn_f1_minus_fnd"] >= 0.10
+            paired = row.get("zeroshot_acc1_paired")
+            if paired and paired["mean"] is not None:
+                item["acc1_paired"] = {k: paired[k] for k in ("n", "mean", "ci")}
+                ci = paired["ci"]
+                item["acc1_paired_gain"] = None if ci is None else ci[0] > 0         # interval above 0
+                item["acc1_paired_no_loss"] = None if ci is None else ci[1] >= 0     # 0 inside or below it
             if "none" in by:
                 none = by["none"]
                 item["acc1_minus_none"] = row["zeroshot_acc1_mean"] - none["zeroshot_acc1_mean"]
@@ -258,13 +277,19 @@ def table(rows: list[dict[str, Any]], alpha: float) -> str:
     columns = [("zeroshot_acc1", "zero-shot acc1", 100), ("r1_t2i", "R@1 t→i", 100), ("r1_i2t", "R@1 i→t", 100),
                ("fn_precision", "FN precision", 100), ("fn_recall", "FN recall", 100), ("fn_f1", "FN F1", 100),
                ("filtered_frac", "filtered %", 100), ("wall_s", "wall s", 1)]
-    lines = ["| loss | filter | α | " + " | ".join(h for _, h, _ in columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]
+    lines = ["| loss | filter | α | " + " | ".join(h for _, h, _ in columns) + " | acc1 − none, paired (95% CI) |",
+             "|---|---|---|" + "---|" * (len(columns) + 1)]
     for row in rows:
         cells = []
         for key, _, scale in columns:
             mean, std = row[f"{key}_mean"], row[f"{key}_std"]
             cells.append("—" if mean is None else f"{mean * scale:.1f} ± {std * scale:.1f}")
+        paired = row.get("zeroshot_acc1_paired")
+        if not paired or paired["mean"] is None:
+            cells.append("—")
+        else:
+            ci = paired["ci"]
+            cells.append(f"{100 * paired['mean']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""))
         shown = f"{alpha:g}" if row["variant"] in ("fnd", *GLOFND) else "—"
         lines.append(f"| {row['loss']} | {row['variant']} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -282,6 +307,11 @@ def target_lines(items: list[dict[str, Any]]) -> list[str]:
             text += f"; FN F1 − fnd {100 * t['fn_f1_minus_fnd']:+.1f} pts {mark(t['fn_f1_10_points_over_fnd'])}"
         if "acc1_minus_none" in t:
             text += f"; acc1 − none {100 * t['acc1_minus_none']:+.1f} pts {mark(t['acc1_within_1_std_of_none'])}"
+        if "acc1_paired" in t:
+            ci = t["acc1_paired"]["ci"]
+            shown = f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "n/a"
+            text += (f"; paired acc1 − none {100 * t['acc1_paired']['mean']:+.1f} pts, 95% interval {shown} "
+                     f"(gain: {mark(t['acc1_paired_gain'])}, no loss: {mark(t['acc1_paired_no_loss'])})")
         if "oracle_gap" in t:
             text += (f"; oracle gap {100 * t['oracle_gap']:+.1f} pts (> 1 std of none: "
                      f"{mark(t['oracle_beats_none_by_1_std'])}), half closed {mark(t['closes_half_of_oracle_gap'])}")

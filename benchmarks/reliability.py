@@ -3,9 +3,10 @@
 - **seen ids** (duplicate check): `SeenIds.add` on one worker item of b ids (the loader, every item) and on the
   gathered W·b first-pass ids (the cross-process check, every step with several processes), at CC12M's n; memory
   n/8 bytes per bitmap.
-- **non-finite guard**: what `train_step` adds to a step: saving the batch's λ/u rows and the model's buffers before
-  it (`_before_step`) and the loss + gradient-norm check after the backward (`_finite_step`), against a whole
-  training step of clip-tiny on the CPU.
+- **non-finite guard**: what `train_step` adds to a step: keeping the batch's λ/u rows and the model's buffers before
+  it and putting them back with `torch.where(ok, new, old)` after it (`step.snapshot` + `step.undo_unless`), and the
+  gradient norm the device-side check reads (`finite_check_s`), against a whole training step of clip-tiny on the
+  CPU.
 - **saves**: a mid-epoch `save_checkpoints` (the same file plus every rank's data position) against an end-of-epoch
   one, on the digits with clip-tiny; the data position's size and `state_dict` time at CC12M's n; the NaN check of a
   checkpoint's per-sample state at CC12M's n.
@@ -74,7 +75,8 @@ def seen_ids(n: int, sizes: Sequence[int], repeats: int) -> list[dict[str, Any]]
 
 
 def guard(batch_size: int, repeats: int) -> dict[str, float]:
-    """The non-finite guard's two parts against a whole clip-tiny step (FastCLIP-v3 + GloFND, CPU, fp32)."""
+    """The non-finite guard's parts against a whole clip-tiny step (FastCLIP-v3 + GloFND, CPU, fp32): rows and buffers
+    kept and put back, and the gradient norm (the all-reduce of the flag is a no-op in one process)."""
     from clip_glofnd.model import create_model
     torch.manual_seed(0)
     cfg = from_flat({"train_data": "x", "model": "clip-tiny", "batch_size": batch_size, "loss": "fastclip",

@@ -4,7 +4,9 @@ Per run: the filter (--fnd, and --fnd-init for GloFND), the last evaluation's ze
 image, image → text), and over the epochs in which masks were on: the fraction of negatives filtered, and — when
 the shards carry class labels — the filter's precision and recall against them (same class = true false negative,
 from the trainer's per-step counts fn_true / fn_false / fn_present, both anchor modalities pooled). For GloFND, the
-median λ of the samples seen after the last epoch, and α. Torch-free: it reads JSON lines and config.yaml.
+median λ of the samples seen after the last epoch, and α. Runs that share a seed with a run without filter (the same
+initialisation and data order) also get their paired acc1 difference to it, with a 95% t interval over the seeds
+where there are several. Torch-free: it reads JSON lines and config.yaml.
 """
 from __future__ import annotations
 
@@ -70,6 +72,36 @@ def fn_scores(steps: Sequence[dict[str, Any]], modalities: Sequence[str] = MODAL
             "present": present}
 
 
+def paired_interval(diffs: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of paired differences (a filter's run minus no filter's on the same seed: same initialisation and data
+    order) and its two-sided Student-t interval: mean ± t(n−1) · sd / √n; the interval is None below 2 pairs. Pairing
+    removes the seed-to-seed spread both runs share, which unpaired mean ± std keep."""
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci": None, "confidence": confidence}
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "ci": None, "confidence": confidence}
+    from scipy.stats import t                                              # scikit-learn's dependency
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / n ** 0.5
+    return {"n": n, "mean": mean, "ci": [mean - half, mean + half], "confidence": confidence}
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], key: str = "acc1") -> dict[str, dict[str, Any]]:
+    """Per filter label (rows' "filter"), the paired differences of `key` to the "none" row of the same seed and
+    their `paired_interval`; rows without a seed-mate without filter are left out."""
+    base = {row["seed"]: row[key] for row in rows if row["filter"] == "none" and row.get(key) is not None}
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["filter"] == "none" or row.get(key) is None or row.get("seed") not in base:
+            continue
+        out.setdefault(row["filter"], {"seeds": [], "diffs": []})
+        out[row["filter"]]["seeds"].append(row["seed"])
+        out[row["filter"]]["diffs"].append(row[key] - base[row["seed"]])
+    return {name: {**pairs, **paired_interval(pairs["diffs"])} for name, pairs in out.items()}
+
+
 def filtered_fraction(step: dict[str, Any]) -> float:
     """Fraction of negatives filtered in one step, both anchor modalities averaged (0 without a filter)."""
     return (step.get("filtered_img", 0.0) + step.get("filtered_txt", 0.0)) / 2
@@ -88,6 +120,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     lam = [_last(records, "_p50", f"lam_{m}_seen") for m in MODALITIES]
     return {
         "run": Path(run_dir).name,
+        "seed": config.get("seed", 0),
         "filter": f"{variant} ({config.get('fnd_init', 'one')})" if variant == "glofnd" else variant,
         "acc1": _last(records, "/acc1", "zeroshot/"),
         "R@1 t→i": _last(records, "/image_retrieval_recall@1", "retrieval/"),
@@ -117,6 +150,22 @@ def main(argv: Sequence[str]) -> int:
     ns = parser.parse_args(list(argv))
     rows = [summarize_run(Path(run)) for run in ns.runs]
     print(format_table(rows))
+    for name, pair in paired_differences(rows).items():
+        print(paired_line(name, pair))
     if ns.json:
+        base = {row["seed"]: row["acc1"] for row in rows if row["filter"] == "none" and row["acc1"] is not None}
+        for row in rows:                                                   # the paired difference of each run
+            mate = base.get(row["seed"]) if row["filter"] != "none" else None
+            row["acc1_minus_none_same_seed"] = None if mate is None or row["acc1"] is None else row["acc1"] - mate
         Path(ns.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
+
+
+def paired_line(name: str, pair: dict[str, Any]) -> str:
+    """One line: a filter's acc1 minus no filter's on the same seeds, in points, with its interval where defined."""
+    diffs = ", ".join(f"{100 * d:+.1f}" for d in pair["diffs"])
+    ci = pair["ci"]
+    interval = (f", {100 * pair['confidence']:.0f}% interval [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci
+                else " (one seed: no interval)")
+    return (f"paired acc1 {name} − none, same seed: {100 * pair['mean']:+.1f} pts over {pair['n']} seed(s) "
+            f"(seed {', '.join(map(str, pair['seeds']))}: {diffs}){interval}")

@@ -297,3 +297,21 @@ def test_gpu_sync_capture_counts_each_warning_with_its_source() -> None:
     seen = gpu.capture_syncs(step)
     assert len(seen) == 3 and len(set(seen)) == 1 and "tests/test_benchmarks_training.py:" in seen[0]
     assert "(step)" in seen[0]
+
+
+def test_paired_acc1_and_its_targets_by_hand() -> None:
+    """acc1 − none on the same seed: +1, +2, +3 points over seeds 0-2 (seed 3 has no run without filter): mean +2,
+    95% t interval 2 ± 4.3027/√3 = [-0.48, +4.48] points: no gain shown, no loss either; one seed, no interval."""
+    runs = [{"loss": "clip", "variant": "none", "seed": s, "zeroshot_acc1": a}
+            for s, a in ((0, .90), (1, .80), (2, .70))]
+    runs += [{"loss": "clip", "variant": "glofnd-one", "seed": s, "zeroshot_acc1": a}
+             for s, a in ((0, .91), (1, .82), (2, .73), (3, .99))]
+    paired = _reproduce.paired_acc1(runs, "clip", "glofnd-one")
+    assert paired["seeds"] == [0, 1, 2] and paired["diffs"] == pytest.approx([.01, .02, .03])
+    half = 0.01 * 4.302653 / 3 ** 0.5
+    assert paired["mean"] == pytest.approx(.02) and paired["ci"] == pytest.approx([.02 - half, .02 + half], rel=1e-5)
+    row = {**_row("glofnd-one", 0.82, 0.1, None, [0]), "zeroshot_acc1_paired": paired}
+    item = _reproduce.targets([_row("none", 0.8, 0.1, None, [0]), row], alpha=0.1, mask_start_epoch=0)[0]
+    assert item["acc1_paired_gain"] is False and item["acc1_paired_no_loss"] is True
+    single = _reproduce.paired_acc1(runs[:1] + runs[3:4], "clip", "glofnd-one")
+    assert single["n"] == 1 and single["ci"] is None

@@ -47,8 +47,22 @@ def test_table_of_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     out = tmp_path / "rows.json"
     assert cli.main(["compare", str(none), str(oracle), "--json", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "filter", "acc1"] and len(lines) == 4
+    assert lines[0].split()[:3] == ["run", "filter", "acc1"] and len(lines) == 5
+    assert lines[4].startswith("paired acc1 oracle − none, same seed: +0.0 pts over 1 seed(s)")
     rows = json.loads(out.read_text())
     assert rows[0]["filtered"] == 0 and rows[0]["FN precision"] is None and rows[0]["α"] is None
     assert rows[1]["FN precision"] == rows[1]["FN recall"] == 1.0 and lines[3].split()[1] == "oracle"
     assert cli.main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_paired_interval_by_hand() -> None:
+    """Differences 1, 2, 3: mean 2, sd 1, t(2, 0.975) = 4.3027 -> 2 ± 4.3027 / √3."""
+    from clip_glofnd.compare import paired_differences, paired_interval
+    out = paired_interval([1.0, 2.0, 3.0])
+    assert out["n"] == 3 and out["mean"] == pytest.approx(2.0)
+    assert out["ci"] == pytest.approx([2 - 4.302653 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5], rel=1e-6)
+    assert paired_interval([0.5])["ci"] is None and paired_interval([])["mean"] is None
+    rows = [{"filter": "none", "seed": s, "acc1": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.70))]
+    rows += [{"filter": "glofnd (one)", "seed": s, "acc1": a} for s, a in ((0, 0.91), (1, 0.82), (3, 0.99))]
+    pair = paired_differences(rows)["glofnd (one)"]
+    assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx([0.01, 0.02])      # seed 3 has no mate
