@@ -291,8 +291,8 @@ class StateConfig(_Section):
         "train", "train (the training device) or cpu (host memory: only the batch's rows go to the device each step)")
     sharding: Literal["replicated", "by-id"] = _opt(
         "replicated", "replicated (every rank holds all n rows; one all-gather of the written rows per step) or by-id "
-                      "(rank r holds ids = r mod W, n/W rows; two all-to-alls of the batch's rows per step; at world "
-                      "size 1 its one shard holds every row)")
+                      "(rank r holds ids = r mod W, n/W rows; per step a fixed-size all-to-all fetches the batch's rows "
+                      "and the all-gather writes them back; at world size 1 its one shard holds every row)")
 
     def __post_init__(self) -> None:
         self._check()

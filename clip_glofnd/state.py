@@ -6,12 +6,18 @@ its local anchors. Two flags place it (`--state-device`, `--state-sharding`):
 
 - ``train`` + ``replicated`` (default): all n rows on the training device, inside the GloFND and loss objects; after
   the step, one all-gather of the rows every rank wrote (`distributed.sync_rows`).
-- ``cpu`` + ``replicated``: all n rows in CPU memory; the b local rows are copied to the device before the step
-  (one non-blocking copy from pinned memory each) and back after it, then the same all-gather keeps ranks equal.
-- ``by-id`` (on either device): rank r holds the rows of ids ≡ r (mod W), ceil(n / W) of them; one all-to-all
-  fetches the local anchors' rows from their owners, one returns the updated rows (`distributed.exchange_rows`).
-  Which rank needs which row follows from the gathered batch ids every rank already has, so no request travels. At
-  world size 1 the one shard holds every row.
+- ``cpu`` + ``replicated``: all n rows in CPU memory, read with the loader's CPU ids; the b local rows go to the
+  device in one packed copy from pinned memory before the step; after it the same all-gather, and the gathered rows
+  come back in one non-blocking copy that the next fetch waits for before it writes them into the tables.
+- ``by-id`` (on either device): rank r holds the rows of ids ≡ r (mod W), ceil(n / W) of them; a fixed-size
+  all-to-all fetches the local anchors' rows from their owners (`distributed.exchange_rows` with b rows per peer:
+  every owner answers every requester's b slots, the rows it does not own being filler, so no split size is read on
+  the host); after the step the all-gather of the written rows, each owner keeping those it holds. Which rank needs
+  which row follows from the gathered batch ids every rank already has, so no request travels. At world size 1 the
+  one shard holds every row.
+
+Nothing here reads the device in a step (the ids were validated where they entered, by the loader; a direct caller
+that passes no CPU ids gets them range-checked with one read).
 
 Outside the default placement the GloFND and loss objects the trainer calls hold *working rows*: --batch-size rows
 on the training device. `fetch` writes the state of local anchor i's id into working row p_i, the first local
