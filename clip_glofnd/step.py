@@ -297,6 +297,7 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | 
     parts.optimizer.zero_grad(set_to_none=True)
     cached = cached_features(parts, micro)
     masks: tuple[Tensor | None, Tensor | None] = (None, None)
+    metrics: dict[str, Any] = {}
     for j, chunk in enumerate(micro):
         last = j == len(micro) - 1
         no_sync = parts.model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
@@ -309,9 +310,10 @@ def train_step(batch: Batch, parts: Parts, *, epoch: int) -> dict[str, Tensor | 
             if j == 0:                                                                  # same on all ranks
                 finite = torch.isfinite(img_all).all() & torch.isfinite(txt_all).all()
             # false-negative filter (detached; once per step) and loss
-            loss, metrics, masks = parts.filter_loss(
+            loss, pass_metrics, masks = parts.filter_loss(
                 parts, img, txt, img_all, txt_all, batch, labels_all, ids_all, state_ids,
                 logit_scale if last else logit_scale.detach(), epoch=epoch, with_filter=j == 0, masks=masks)
+            metrics.update(pass_metrics)                                                # the filter's from pass 0
             # backward
             parts.scaler.scale(loss).backward()
     ok = _optimizer_step(parts, finite & torch.isfinite(loss.detach()).all())
@@ -334,6 +336,7 @@ class Undo:
 
 @torch.no_grad()
 def snapshot(parts: Parts, ids: Tensor) -> Undo:
+    """Copies of the per-sample rows of `ids` in every holder of the store, and of the model's floating buffers."""
     rows = {name: holder.export_rows(ids) for name, holder in parts.store.holders.items()}
     buffers = [(buf, buf.clone()) for buf in parts.unwrapped.buffers() if buf.is_floating_point()]
     return Undo(ids, {name: r for name, r in rows.items() if r}, buffers)

@@ -277,3 +277,10 @@ def test_gpu_defaults_resolve_by_device() -> None:
     assert not uint8_images(cfg, DistInfo(device=cpu)) and uint8_images(cfg, DistInfo(device=cuda))
     assert uint8_images(from_flat({"train_data": "x", "image_dtype": "uint8"}), DistInfo(device=cpu))
     assert not uint8_images(from_flat({"train_data": "x", "image_dtype": "float32"}), DistInfo(device=cuda))
+
+
+def test_accumulation_keeps_the_filters_metrics(tmp_path: Path) -> None:
+    """--accum-freq 2: the step's metrics still carry the filter's (computed on the first pass) and the loss's."""
+    parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd", accum_freq=2), DistInfo())
+    metrics = step.train_step(batches(1)[0], parts, epoch=0)
+    assert {"filtered_img", "lam_txt_p50", "fn_true_img", "temperature", "loss"} <= set(metrics)
