@@ -196,12 +196,8 @@ def all_gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
 
 @torch.no_grad()
 def all_true(flag: Tensor, dist: DistInfo) -> bool:
-    """True when the bool scalar `flag` is True on every rank (one all-reduce; a host sync)."""
-    flag = flag.detach().reshape(()).to(torch.int32)
-    if dist.world_size > 1:
-        flag = flag.to(dist.device)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-    return bool(flag)
+    """True when the bool scalar `flag` is True on every rank: `all_true_on_device`, then read (a host sync)."""
+    return bool(all_true_on_device(flag, dist))
 
 
 @torch.no_grad()
