@@ -206,7 +206,8 @@ def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_
         if log_step:
             steps = window.steps
             finite, values = window.read()                     # waits for the device: the window's work ends here
-            data_seconds, step_seconds = data_seconds + start - tick, step_seconds + time.perf_counter() - start
+        data_seconds, step_seconds = data_seconds + start - tick, step_seconds + time.perf_counter() - start
+        if log_step:
             seconds = max(data_seconds + step_seconds, 1e-9)
             if finite:
                 log.log({"step": state.step, "epoch": state.epoch, "lr": lr, **values,
@@ -216,8 +217,6 @@ def run_epoch(parts: Parts, run: EpochRun, state: Progress, log: RunLogger, run_
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_per_s=f"{samples / seconds:.0f}",
                                 refresh=False)
             data_seconds, step_seconds, samples = 0.0, 0.0, 0
-        else:
-            data_seconds, step_seconds = data_seconds + start - tick, step_seconds + time.perf_counter() - start
         every = cfg.run.save_every_n_steps
         if every and state.step % every == 0 and state.batch < loader.num_batches:    # the epoch's end saves anyway
             count_nonfinite(flags.ready(wait=True), state, cfg, log)
