@@ -13,11 +13,12 @@ Per run, from the trainer's own metrics.jsonl:
   pooled: precision = true / filtered, recall = true / same-class negatives present, F1;
 - the filtered fraction of negatives per epoch (against α), λ over training (GloFND), wall time.
 
-The summary is mean ± std over seeds per (loss, filter) and, per filter, its paired acc1 difference to no filter on the
-same seed (same initialisation and data order) with a 95% t interval over the seeds; the issue's targets are checked
-per loss for both GloFND starts (the paired ones: interval above 0, and 0 not above it): filtered fraction within ×1.5 of α in every masking epoch (mean over seeds); FN F1 ≥ fnd's + 0.10; zero-shot
-acc1 not below no filter by more than one std (of no filter's seeds) and closing at least half of the none → oracle
-gap (when the oracle is ahead). Results are written as measured, targets met or not.
+The summary is mean ± std over seeds per (loss, filter) and, per filter, its paired acc1 difference to no filter on
+the same seed (same initialisation and data order) with a 95% t interval over the seeds; the issue's targets are
+checked per loss for both GloFND starts (the paired ones: interval above 0, and 0 not above it): filtered fraction
+within ×1.5 of α in every masking epoch (mean over seeds); FN F1 ≥ fnd's + 0.10; zero-shot acc1 not below no filter by
+more than one std (of no filter's seeds) and closing at least half of the none → oracle gap (when the oracle is
+ahead). Results are written as measured, targets met or not.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
-from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores, paired_interval
+from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores, paired_differences, paired_interval
 
 LOSSES = ("clip", "sogclr")
 VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
@@ -232,12 +233,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def paired_acc1(runs: list[dict[str, Any]], loss: str, variant: str) -> dict[str, Any]:
     """acc1 of `variant` minus no filter's on the same seed (the same initialisation and data order), per seed, with
-    the mean and its 95% t interval (compare.paired_interval)."""
-    base = {r["seed"]: r["zeroshot_acc1"] for r in runs if r["loss"] == loss and r["variant"] == "none"
-            and r["zeroshot_acc1"] is not None}
-    pairs = [(r["seed"], r["zeroshot_acc1"] - base[r["seed"]]) for r in _runs_of(runs, loss, variant)
-             if r["seed"] in base and r["zeroshot_acc1"] is not None]
-    return {"seeds": [s for s, _ in pairs], "diffs": [d for _, d in pairs], **paired_interval([d for _, d in pairs])}
+    the mean and its 95% t interval (compare.paired_differences)."""
+    mine = _runs_of(runs, loss, "none") + _runs_of(runs, loss, variant)
+    found = paired_differences(mine, key="zeroshot_acc1", group="variant").get(variant)
+    return found or {"seeds": [], "diffs": [], **paired_interval([])}
 
 
 def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> list[dict[str, Any]]:

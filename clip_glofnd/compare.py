@@ -88,17 +88,25 @@ def paired_interval(diffs: Sequence[float], confidence: float = 0.95) -> dict[st
     return {"n": n, "mean": mean, "ci": [mean - half, mean + half], "confidence": confidence}
 
 
-def paired_differences(rows: Sequence[dict[str, Any]], key: str = "acc1") -> dict[str, dict[str, Any]]:
-    """Per filter label (rows' "filter"), the paired differences of `key` to the "none" row of the same seed and
+def same_seed_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter"
+                          ) -> list[float | None]:
+    """Per row, its `key` minus that of the row without filter (row[group] == "none") of the same seed; None for rows
+    without filter, without a value, or without such a seed-mate."""
+    base = {row["seed"]: row[key] for row in rows if row[group] == "none" and row.get(key) is not None}
+    return [None if row[group] == "none" or row.get(key) is None or row.get("seed") not in base
+            else row[key] - base[row["seed"]] for row in rows]
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter"
+                       ) -> dict[str, dict[str, Any]]:
+    """Per filter label (rows' `group`), the paired differences of `key` to the "none" row of the same seed and
     their `paired_interval`; rows without a seed-mate without filter are left out."""
-    base = {row["seed"]: row[key] for row in rows if row["filter"] == "none" and row.get(key) is not None}
     out: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["filter"] == "none" or row.get(key) is None or row.get("seed") not in base:
-            continue
-        out.setdefault(row["filter"], {"seeds": [], "diffs": []})
-        out[row["filter"]]["seeds"].append(row["seed"])
-        out[row["filter"]]["diffs"].append(row[key] - base[row["seed"]])
+    for row, diff in zip(rows, same_seed_differences(rows, key, group)):
+        if diff is not None:
+            pairs = out.setdefault(row[group], {"seeds": [], "diffs": []})
+            pairs["seeds"].append(row["seed"])
+            pairs["diffs"].append(diff)
     return {name: {**pairs, **paired_interval(pairs["diffs"])} for name, pairs in out.items()}
 
 
@@ -153,10 +161,8 @@ def main(argv: Sequence[str]) -> int:
     for name, pair in paired_differences(rows).items():
         print(paired_line(name, pair))
     if ns.json:
-        base = {row["seed"]: row["acc1"] for row in rows if row["filter"] == "none" and row["acc1"] is not None}
-        for row in rows:                                                   # the paired difference of each run
-            mate = base.get(row["seed"]) if row["filter"] != "none" else None
-            row["acc1_minus_none_same_seed"] = None if mate is None or row["acc1"] is None else row["acc1"] - mate
+        for row, diff in zip(rows, same_seed_differences(rows)):          # the paired difference of each run
+            row["acc1_minus_none_same_seed"] = diff
         Path(ns.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
