@@ -250,18 +250,10 @@ def make_bed(ns: argparse.Namespace, pattern: str, num_samples: int) -> StepBed:
         bed.image_norm = split_normalize(preprocess)[1:]
     loader = make_loader(bed.config(), dist, preprocess, tokenizer, num_samples, epoch=0)
     for batch in loader:
-        bed.batches.append(pin(batch) if ns.device == "cuda" else batch)
+        bed.batches.append(batch)                                       # pinned by the loader on CUDA
         if len(bed.batches) == preset["cached_batches"]:
             break
     return bed
-
-
-def pin(batch: Any) -> Any:
-    """The batch with its tensors in pinned memory (what `non_blocking=True` copies need to be asynchronous)."""
-    from clip_glofnd.data import Batch
-    labels = None if batch.labels is None else batch.labels.pin_memory()
-    return Batch(batch.images.pin_memory(), batch.texts.pin_memory(), batch.ids.pin_memory(), labels,
-                 batch.first_seen)
 
 
 def run_steps(parts: Any, batches: list, steps: int, start: int = 0) -> None:
