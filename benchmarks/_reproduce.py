@@ -41,7 +41,10 @@ VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
             "glofnd-one": ["--fnd", "glofnd", "--fnd-init", "one"],
             "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"]}
 GLOFND = ("glofnd-one", "glofnd-quantile")
-GLOFND_ONLY = ("fnd_init", "fnd_bias_correction")       # settings only --fnd glofnd reads
+ALPHA_VARIANTS = ("fnd", *GLOFND)                       # the filters that read α (swept by --alphas)
+_GLOFND_ONLY = ("fnd_lr", "fnd_init", "fnd_bias_correction", "fnd_start_epoch")
+UNREAD = {"glofnd": (), "fnd": _GLOFND_ONLY, "oracle": ("fnd_alpha", *_GLOFND_ONLY),   # settings a --fnd mode never
+          "none": ("fnd_alpha", "fnd_mask_start_epoch", *_GLOFND_ONLY)}              # reads: not compared on reuse
 COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3"}
 
 
@@ -66,7 +69,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="model learning rate")
     p.add_argument("--warmup", type=int, help="lr warmup steps")
     p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: the whole training set)")
-    p.add_argument("--alpha", type=float, help="α of fnd and GloFND")
+    p.add_argument("--alphas", "--alpha", dest="alphas", type=float, nargs="+",
+                   help="α of fnd and GloFND; several values sweep it (every α-reading filter runs at each α, no "
+                        "filter and the oracle once per seed)")
     p.add_argument("--fnd-lr", type=float, help="Adam step of λ")
     p.add_argument("--mask-start-epoch", type=int, help="every filter masks from this epoch on (0-based)")
     p.add_argument("--losses", nargs="+", choices=LOSSES, help=f"default: {' '.join(LOSSES)}")
@@ -75,6 +80,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="skip the retrieval evaluation (R@1 left empty)")
     p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder); finished "
                                                  "runs found there with the same flags are reused, not retrained")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side, each in its own process with cores / jobs torch threads "
+                        "(2 on 2 cores: ~1.3x the runs per hour of one 2-thread run)")
     p.add_argument("--output", type=Path, help="JSON result; the PNGs go beside it (<stem>_*.png)")
 
 
@@ -84,8 +92,10 @@ def apply_preset(ns: argparse.Namespace, presets: dict[str, dict[str, Any]], p: 
     for key, value in {**defaults, **presets["quick" if ns.quick else "full"]}.items():
         if getattr(ns, key, None) is None:
             setattr(ns, key, value)
-    if ns.epochs < 1 or ns.batch_size < 1 or not ns.seeds:
-        p.error("--epochs and --batch-size must be >= 1; --seeds needs at least one value")
+    if ns.epochs < 1 or ns.batch_size < 1 or not ns.seeds or ns.jobs < 1:
+        p.error("--epochs, --batch-size and --jobs must be >= 1; --seeds needs at least one value")
+    if not all(0 < a < 1 for a in ns.alphas):
+        p.error(f"--alphas must lie in (0, 1); got {' '.join(map(str, ns.alphas))}")
     if not 0 <= ns.mask_start_epoch < ns.epochs:
         p.error(f"--mask-start-epoch must be in [0, --epochs); got {ns.mask_start_epoch}")
 
@@ -98,14 +108,26 @@ def learn_from(variant: str, mask_start_epoch: int) -> int:
     return mask_start_epoch if variant == "glofnd-quantile" else 0
 
 
-def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: int, logs: Path, name: str
-               ) -> list[str]:
-    """`clip-glofnd train` flags of one run (eval on the held-out sets after the last epoch only)."""
+def filter_flags(ns: argparse.Namespace, variant: str, alpha: float | None) -> list[str]:
+    """The filter's flags: only those its --fnd mode reads (no filter: none; the oracle: when it masks)."""
+    flags = [*VARIANTS[variant]]
+    if variant != "none":
+        flags += ["--fnd-mask-start-epoch", str(ns.mask_start_epoch)]
+    if variant in ALPHA_VARIANTS:
+        flags += ["--fnd-alpha", str(alpha)]
+    if variant in GLOFND:
+        flags += ["--fnd-lr", str(ns.fnd_lr), "--fnd-start-epoch", str(learn_from(variant, ns.mask_start_epoch))]
+    return flags
+
+
+def train_argv(ns: argparse.Namespace, bed: Bed, loss: str, variant: str, seed: int, logs: Path, name: str,
+               alpha: float | None = None) -> list[str]:
+    """`clip-glofnd train` flags of one run (eval on the held-out sets after the last epoch only); `alpha` for the
+    filters that read it (default: the first of --alphas)."""
+    alpha = ns.alphas[0] if alpha is None else alpha
     argv = ["train", "--train-data", bed.train, *bed.flags, "--batch-size", str(ns.batch_size),
             "--epochs", str(ns.epochs), "--lr", str(ns.lr), "--warmup", str(ns.warmup), "--seed", str(seed),
-            "--loss", loss, *VARIANTS[variant], "--fnd-alpha", str(ns.alpha), "--fnd-lr", str(ns.fnd_lr),
-            "--fnd-start-epoch", str(learn_from(variant, ns.mask_start_epoch)),
-            "--fnd-mask-start-epoch", str(ns.mask_start_epoch),
+            "--loss", loss, *filter_flags(ns, variant, alpha),
             "--zeroshot-data", bed.zeroshot, *(["--retrieval-data", bed.retrieval] if bed.retrieval else []),
             "--eval-every", str(ns.epochs),
             "--save-frequency", "0", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name]
@@ -146,20 +168,22 @@ def run_metrics(records: list[dict[str, Any]], mask_start_epoch: int) -> dict[st
     return out
 
 
-def run_name(loss: str, variant: str, seed: int) -> str:
-    """Run folder name."""
-    return f"{loss}-{variant}-s{seed}"
+def run_name(loss: str, variant: str, seed: int, alpha: float | None = None) -> str:
+    """Run folder name; with α for the filters that read it (a sweep's runs share one --runs-dir)."""
+    return f"{loss}-{variant}-a{alpha:g}-s{seed}" if variant in ALPHA_VARIANTS and alpha is not None else \
+        f"{loss}-{variant}-s{seed}"
 
 
 def same_settings(stored: str, argv: Sequence[str]) -> bool:
     """Whether a run folder's config.yaml text holds the settings `argv` gives: every key equal, a key the file lacks
-    (an option added to the trainer after that run) at its default, and GloFND's own knobs only for --fnd glofnd
-    (a run without it never reads them: a changed default of --fnd-init leaves it the same run)."""
+    (an option added to the trainer after that run) at its default, and the filter's knobs only where its --fnd mode
+    reads them (`UNREAD`: a run without a filter is the same run at every α, and a changed default of --fnd-init
+    leaves it the same run)."""
     from clip_glofnd.config import from_flat, parse_config, to_flat, undump
     old = undump(stored)
     new = to_flat(parse_config(argv[1:])[0])
     defaults = to_flat(from_flat({"train_data": new["train_data"]}))
-    unread = GLOFND_ONLY if new["fnd"] != "glofnd" else ()
+    unread = UNREAD[new["fnd"]]
     return set(old) <= set(new) and all(old[k] == v if k in old else v == defaults[k]
                                         for k, v in new.items() if k not in unread)
 
@@ -177,12 +201,20 @@ def finished_run(run_dir: Path, argv: Sequence[str], epochs: int) -> dict[str, A
     return {"records": records, "wall_s": sum(r.get("epoch_time", 0.0) for r in records)} if done else None
 
 
-def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str, seed: int) -> dict[str, Any]:
+def plan(ns: argparse.Namespace) -> list[tuple[str, str, int, float | None]]:
+    """Every run as (loss, variant, seed, α or None), seed-major (load drift hits every filter alike); the filters
+    that read α once per α, no filter and the oracle once per seed."""
+    return [(loss, variant, seed, alpha) for seed in ns.seeds for loss in ns.losses for variant in ns.variants
+            for alpha in (ns.alphas if variant in ALPHA_VARIANTS else [None])]
+
+
+def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str, seed: int,
+           alpha: float | None = None) -> dict[str, Any]:
     """One training run (or a finished one found in `logs`), its settings and its numbers."""
     from clip_glofnd import cli
     from clip_glofnd.logger import read_jsonl
-    name = run_name(loss, variant, seed)
-    argv = train_argv(ns, bed, loss, variant, seed, logs, name)
+    name = run_name(loss, variant, seed, alpha)
+    argv = train_argv(ns, bed, loss, variant, seed, logs, name, alpha)
     found = finished_run(logs / name, argv, ns.epochs)
     if found is None:
         shutil.rmtree(logs / name, ignore_errors=True)                           # an unfinished or other run
@@ -193,7 +225,8 @@ def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str
             raise RuntimeError(f"run {name} failed with exit code {code}: {shlex.join(['clip-glofnd', *argv])}")
         found = {"records": read_jsonl(logs / name / "metrics.jsonl"), "wall_s": wall, "reused": False}
     metrics = run_metrics(found["records"], ns.mask_start_epoch)
-    return {"loss": loss, "variant": variant, "seed": seed, "name": name, "command": shlex.join(["clip-glofnd", *argv]),
+    return {"loss": loss, "variant": variant, "seed": seed, "alpha": alpha, "name": name,
+            "command": shlex.join(["clip-glofnd", *argv]),
             "wall_s": found["wall_s"], "reused": found.get("reused", True), "loadavg_1min_after": os.getloadavg()[0],
             **metrics}
 
@@ -214,50 +247,86 @@ SUMMARY_KEYS: dict[str, Callable[[dict[str, Any]], float | None]] = {
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (loss, variant), plus the per-epoch filtered fraction (mean over seeds)."""
+    """Mean ± std over seeds per (loss, variant, α), plus the per-epoch filtered fraction (mean over seeds), the
+    paired acc1 difference to no filter and, for GloFND, to fnd at the same α."""
     rows = []
     for loss in LOSSES:
         for variant in VARIANTS:
-            mine = [r for r in runs if r["loss"] == loss and r["variant"] == variant]
-            if not mine:
-                continue
-            row: dict[str, Any] = {"loss": loss, "variant": variant, "seeds": [r["seed"] for r in mine]}
-            for key, get in SUMMARY_KEYS.items():
-                row[f"{key}_mean"], row[f"{key}_std"] = mean_std([get(r) for r in mine])
-            row["filtered_per_epoch"] = [statistics.mean(v) for v in zip(*(r["filtered_per_epoch"] for r in mine))]
-            if variant != "none":
-                row["zeroshot_acc1_paired"] = paired_acc1(runs, loss, variant)
-            rows.append(row)
+            for alpha in sorted({r["alpha"] for r in runs if r["loss"] == loss and r["variant"] == variant},
+                                key=lambda a: -1.0 if a is None else a):
+                mine = _runs_of(runs, loss, variant, alpha)
+                row: dict[str, Any] = {"loss": loss, "variant": variant, "alpha": alpha,
+                                       "seeds": [r["seed"] for r in mine]}
+                for key, get in SUMMARY_KEYS.items():
+                    row[f"{key}_mean"], row[f"{key}_std"] = mean_std([get(r) for r in mine])
+                row["filtered_per_epoch"] = [statistics.mean(v) for v in zip(*(r["filtered_per_epoch"] for r in mine))]
+                if variant != "none":
+                    row["zeroshot_acc1_paired"] = paired_acc1(runs, loss, variant, alpha)
+                if variant in GLOFND:
+                    row["zeroshot_acc1_paired_fnd"] = paired_acc1(runs, loss, variant, alpha, baseline="fnd")
+                rows.append(row)
     return rows
 
 
-def paired_acc1(runs: list[dict[str, Any]], loss: str, variant: str) -> dict[str, Any]:
-    """acc1 of `variant` minus no filter's on the same seed (the same initialisation and data order), per seed, with
-    the mean and its 95% t interval (compare.paired_differences)."""
-    mine = _runs_of(runs, loss, "none") + _runs_of(runs, loss, variant)
-    found = paired_differences(mine, key="zeroshot_acc1", group="variant").get(variant)
+def paired_acc1(runs: list[dict[str, Any]], loss: str, variant: str, alpha: float | None = None,
+                baseline: str = "none") -> dict[str, Any]:
+    """acc1 of `variant` (at `alpha`) minus the baseline's (no filter, or a filter at the same α) on the same seed —
+    the same initialisation and data order — per seed, with the mean and its 95% t interval
+    (compare.paired_differences)."""
+    base_alpha = alpha if baseline in ALPHA_VARIANTS else None
+    mine = _runs_of(runs, loss, baseline, base_alpha) + _runs_of(runs, loss, variant, alpha)
+    found = paired_differences(mine, key="zeroshot_acc1", group="variant", baseline=baseline).get(variant)
     return found or {"seeds": [], "diffs": [], **paired_interval([])}
 
 
-def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> list[dict[str, Any]]:
-    """The issue's targets per (loss, GloFND start), each with its numbers and met / not met (None: not measurable)."""
+def at_equal_share(rows: list[dict[str, Any]], row: dict[str, Any], key: str = "fn_precision_mean") -> float | None:
+    """fnd's `key` at `row`'s filtered share: linear in the share between fnd's (share, value) points of the same
+    loss over the α swept (means over seeds); None outside their range — below α·(b − 1) = 1 the mini-batch quantile
+    filters a row's top-1 whatever α is, so it cannot filter less."""
+    points = sorted((r["filtered_frac_mean"], r[key]) for r in rows
+                    if r["loss"] == row["loss"] and r["variant"] == "fnd" and r[key] is not None)
+    share = row["filtered_frac_mean"]
+    if not points or row[key] is None or not points[0][0] <= share <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= share <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (share - x0) / (x1 - x0)
+    return points[0][1]                                                        # one point, at that share
+
+
+def targets(rows: list[dict[str, Any]], mask_start_epoch: int, batch_size: int | None = None
+            ) -> list[dict[str, Any]]:
+    """The issue's targets per (loss, GloFND start, α), each with its numbers and met / not met (None: not
+    measurable); `batch_size` b marks the rows with α·b < 1, where FN precision at equal filtered share is asked."""
     out = []
     for loss in LOSSES:
-        by = {row["variant"]: row for row in rows if row["loss"] == loss}
-        for variant in (v for v in GLOFND if v in by):
-            row = by[variant]
+        for row in (r for r in rows if r["loss"] == loss and r["variant"] in GLOFND):
+            alpha = row["alpha"]
+            by = {r["variant"]: r for r in rows if r["loss"] == loss and r["alpha"] in (alpha, None)}
             fracs = row["filtered_per_epoch"][mask_start_epoch:]
-            item: dict[str, Any] = {"loss": loss, "variant": variant, "filtered_per_masking_epoch": fracs,
+            item: dict[str, Any] = {"loss": loss, "variant": row["variant"], "alpha": alpha,
+                                    "filtered_per_masking_epoch": fracs,
                                     "filtered_within_1.5x": all(alpha / 1.5 <= f <= 1.5 * alpha for f in fracs)}
             if "fnd" in by and row["fn_f1_mean"] is not None and by["fnd"]["fn_f1_mean"] is not None:
                 item["fn_f1_minus_fnd"] = row["fn_f1_mean"] - by["fnd"]["fn_f1_mean"]
                 item["fn_f1_10_points_over_fnd"] = item["fn_f1_minus_fnd"] >= 0.10
-            paired = row.get("zeroshot_acc1_paired")
-            if paired and paired["mean"] is not None:
-                item["acc1_paired"] = {k: paired[k] for k in ("n", "mean", "ci")}
-                ci = paired["ci"]
+            fnd_precision = at_equal_share(rows, row)
+            if fnd_precision is not None:
+                item["fn_precision_minus_fnd_equal_share"] = row["fn_precision_mean"] - fnd_precision
+                item["fn_precision_10_points_over_fnd_equal_share"] = (
+                    item["fn_precision_minus_fnd_equal_share"] >= 0.10)
+            if batch_size:
+                item["alpha_times_b"] = alpha * batch_size
+            for name, key in (("acc1_paired", "zeroshot_acc1_paired"), ("acc1_paired_fnd", "zeroshot_acc1_paired_fnd")):
+                paired = row.get(key)
+                if paired and paired["mean"] is not None:
+                    item[name] = {k: paired[k] for k in ("n", "mean", "ci")}
+            if "acc1_paired" in item:
+                ci = item["acc1_paired"]["ci"]
                 item["acc1_paired_gain"] = None if ci is None else ci[0] > 0         # interval above 0
                 item["acc1_paired_no_loss"] = None if ci is None else ci[1] >= 0     # 0 inside or below it
+            if "acc1_paired_fnd" in item:
+                item["acc1_paired_at_least_fnd"] = item["acc1_paired_fnd"]["mean"] >= 0
             if "none" in by:
                 none = by["none"]
                 item["acc1_minus_none"] = row["zeroshot_acc1_mean"] - none["zeroshot_acc1_mean"]
@@ -271,7 +340,7 @@ def targets(rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> 
     return out
 
 
-def table(rows: list[dict[str, Any]], alpha: float) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the summary: mean ± std per column ('—' where undefined, e.g. precision of no filter)."""
     columns = [("zeroshot_acc1", "zero-shot acc1", 100), ("r1_t2i", "R@1 t→i", 100), ("r1_i2t", "R@1 i→t", 100),
                ("fn_precision", "FN precision", 100), ("fn_recall", "FN recall", 100), ("fn_f1", "FN F1", 100),
@@ -289,7 +358,7 @@ def table(rows: list[dict[str, Any]], alpha: float) -> str:
         else:
             ci = paired["ci"]
             cells.append(f"{100 * paired['mean']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""))
-        shown = f"{alpha:g}" if row["variant"] in ("fnd", *GLOFND) else "—"
+        shown = "—" if row["alpha"] is None else f"{row['alpha']:g}"
         lines.append(f"| {row['loss']} | {row['variant']} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,9 +370,13 @@ def target_lines(items: list[dict[str, Any]]) -> list[str]:
     lines = []
     for t in items:
         fracs = ", ".join(f"{100 * f:.1f}%" for f in t["filtered_per_masking_epoch"])
-        text = f"{t['loss']} {t['variant']}: filtered per masking epoch [{fracs}] {mark(t['filtered_within_1.5x'])}"
+        text = (f"{t['loss']} {t['variant']} α {t['alpha']:g}: filtered per masking epoch [{fracs}] "
+                f"{mark(t['filtered_within_1.5x'])}")
         if "fn_f1_minus_fnd" in t:
             text += f"; FN F1 − fnd {100 * t['fn_f1_minus_fnd']:+.1f} pts {mark(t['fn_f1_10_points_over_fnd'])}"
+        if "fn_precision_minus_fnd_equal_share" in t:
+            text += (f"; FN precision − fnd at equal share {100 * t['fn_precision_minus_fnd_equal_share']:+.1f} pts "
+                     f"{mark(t['fn_precision_10_points_over_fnd_equal_share'])}")
         if "acc1_minus_none" in t:
             text += f"; acc1 − none {100 * t['acc1_minus_none']:+.1f} pts {mark(t['acc1_within_1_std_of_none'])}"
         if "acc1_paired" in t:
@@ -311,6 +384,11 @@ def target_lines(items: list[dict[str, Any]]) -> list[str]:
             shown = f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "n/a"
             text += (f"; paired acc1 − none {100 * t['acc1_paired']['mean']:+.1f} pts, 95% interval {shown} "
                      f"(gain: {mark(t['acc1_paired_gain'])}, no loss: {mark(t['acc1_paired_no_loss'])})")
+        if "acc1_paired_fnd" in t:
+            ci = t["acc1_paired_fnd"]["ci"]
+            shown = f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "n/a"
+            text += (f"; paired acc1 − fnd {100 * t['acc1_paired_fnd']['mean']:+.1f} pts {shown} "
+                     f"{mark(t['acc1_paired_at_least_fnd'])}")
         if "oracle_gap" in t:
             text += (f"; oracle gap {100 * t['oracle_gap']:+.1f} pts (> 1 std of none: "
                      f"{mark(t['oracle_beats_none_by_1_std'])}), half closed {mark(t['closes_half_of_oracle_gap'])}")
@@ -319,9 +397,10 @@ def target_lines(items: list[dict[str, Any]]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------------- plots
-def _runs_of(runs: list[dict[str, Any]], loss: str, variant: str) -> list[dict[str, Any]]:
-    """Runs of (loss, variant), by seed."""
-    return sorted((r for r in runs if r["loss"] == loss and r["variant"] == variant), key=lambda r: r["seed"])
+def _runs_of(runs: list[dict[str, Any]], loss: str, variant: str, alpha: float | None = None) -> list[dict[str, Any]]:
+    """Runs of (loss, variant) by seed; of the filters that read α, those at `alpha` (any α when None)."""
+    return sorted((r for r in runs if r["loss"] == loss and r["variant"] == variant
+                   and (alpha is None or r.get("alpha") in (alpha, None))), key=lambda r: r["seed"])
 
 
 def _figure(panels: int, height: float = 4.0) -> Any:
@@ -412,30 +491,63 @@ def plot_fn(path: Path, runs: list[dict[str, Any]]) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------------- main
+def _worker_threads(threads: int) -> None:
+    """A --jobs worker's torch threads (the cores shared between the runs side by side); its data loaders fork their
+    workers as the trainer's do when run from the shell (a spawned process would spawn them, and the evaluation's
+    WebDataset pipeline is not picklable)."""
+    import multiprocessing
+
+    import torch
+    torch.set_num_threads(threads)
+    multiprocessing.set_start_method("fork", force=True)
+
+
+def run_all(ns: argparse.Namespace, bed: Bed, logs: Path) -> list[dict[str, Any]]:
+    """The runs of `plan`, in this process one after the other, or --jobs at a time in spawned worker processes
+    (cores / jobs torch threads each); results in plan order either way."""
+    todo = plan(ns)
+    if ns.jobs == 1:
+        return [do_run(ns, bed, logs, *item) for item in todo]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // ns.jobs)
+    with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(do_run, ns, bed, logs, *item) for item in todo]
+        return [future.result() for future in futures]
+
+
 def run_benchmark(ns: argparse.Namespace, bed: Bed, benchmark: str, argv: Sequence[str], logs: Path,
                   settings: dict[str, Any]) -> dict[str, Any]:
-    """Every (seed, loss, filter) run, seed-major (load drift hits every filter alike); JSON, PNGs, printed table."""
+    """Every (seed, loss, filter, α) run (`plan`); JSON, PNGs (per α, and the sweep's when several), printed table."""
     import torch
+    from benchmarks._sweep import plot_sweep
     machine = _common.machine_info(torch.device("cpu"))
     began = time.perf_counter()
-    runs = [do_run(ns, bed, logs, loss, variant, seed)
-            for seed in ns.seeds for loss in ns.losses for variant in ns.variants]
+    runs = run_all(ns, bed, logs)
     rows = summarize(runs)
-    checks = targets(rows, ns.alpha, ns.mask_start_epoch)
+    checks = targets(rows, ns.mask_start_epoch, ns.batch_size)
     stem = str(ns.output.with_suffix(""))
-    pngs = [plot_filtered(Path(f"{stem}_filtered.png"), rows, ns.alpha, ns.mask_start_epoch),
-            plot_lambda(Path(f"{stem}_lambda.png"), runs, ns.epochs, ns.mask_start_epoch),
-            plot_fn(Path(f"{stem}_fn.png"), runs)]
+    pngs: list[Path | None] = []
+    for alpha in ns.alphas:
+        tag = stem if len(ns.alphas) == 1 else f"{stem}_a{alpha:g}"
+        mine = [r for r in runs if r["alpha"] in (alpha, None)]
+        pngs += [plot_filtered(Path(f"{tag}_filtered.png"), [r for r in rows if r["alpha"] in (alpha, None)], alpha,
+                               ns.mask_start_epoch),
+                 plot_lambda(Path(f"{tag}_lambda.png"), mine, ns.epochs, ns.mask_start_epoch),
+                 plot_fn(Path(f"{tag}_fn.png"), mine)]
+    if len(ns.alphas) > 1:
+        pngs.append(plot_sweep(Path(f"{stem}_sweep.png"), rows))
     result = {"benchmark": benchmark, "command": _common.command_line(f"benchmarks.{benchmark}", argv),
               "machine": _common.finish_info(machine), "wall_s": time.perf_counter() - began,
               "settings": {"seeds": ns.seeds, "epochs": ns.epochs, "batch_size": ns.batch_size, "lr": ns.lr,
-                           "warmup": ns.warmup, "alpha": ns.alpha, "fnd_lr": ns.fnd_lr,
+                           "warmup": ns.warmup, "alphas": ns.alphas, "fnd_lr": ns.fnd_lr, "jobs": ns.jobs,
                            "mask_start_epoch": ns.mask_start_epoch, "losses": ns.losses, "variants": ns.variants,
                            "retrieval": ns.retrieval,
                            "train_flags": bed.flags, **settings},
               "summary": rows, "targets": checks, "runs": runs, "plots": [p.name for p in pngs if p is not None]}
     _common.write_json(ns.output, result)
-    print(table(rows, ns.alpha))
+    print(table(rows))
     print("\n".join(target_lines(checks)))
     print(f"wall {result['wall_s']:.0f} s   under load: {result['machine']['under_load']}")
     print(f"wrote {ns.output}" + "".join(f", {p}" for p in pngs if p is not None))

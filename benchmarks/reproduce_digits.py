@@ -27,9 +27,9 @@ from benchmarks import _common, _reproduce
 from benchmarks.throughput import prepare_data
 
 PRESETS = {
-    "full": dict(seeds=[0, 1, 2], epochs=6, batch_size=32, lr=1e-3, warmup=47, alpha=0.1, fnd_lr=0.1,
+    "full": dict(seeds=[0, 1, 2], epochs=6, batch_size=32, lr=1e-3, warmup=47, alphas=[0.1], fnd_lr=0.1,
                  mask_start_epoch=2, train_num_samples=None),
-    "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alpha=0.1, fnd_lr=0.1, mask_start_epoch=0,
+    "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alphas=[0.1], fnd_lr=0.1, mask_start_epoch=0,
                   train_num_samples=96, losses=["clip"]),
 }
 FLAGS = ["--model", "clip-tiny", "--wd", "0.1", "--precision", "fp32", "--workers", "1"]

@@ -28,8 +28,8 @@ from clip_glofnd.digits_minilm import RECIPE
 
 PRESETS = {
     "full": dict(seeds=[0, 1, 2], epochs=RECIPE["epochs"], batch_size=RECIPE["batch_size"], lr=RECIPE["lr"],
-                 warmup=RECIPE["warmup"], alpha=0.1, fnd_lr=0.1, mask_start_epoch=1, train_num_samples=None),
-    "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alpha=0.1, fnd_lr=0.1, mask_start_epoch=0,
+                 warmup=RECIPE["warmup"], alphas=[0.1], fnd_lr=0.1, mask_start_epoch=1, train_num_samples=None),
+    "quick": dict(seeds=[0], epochs=1, batch_size=32, lr=1e-3, warmup=3, alphas=[0.1], fnd_lr=0.1, mask_start_epoch=0,
                   train_num_samples=64, losses=["clip"], variants=["none", "glofnd-quantile"], retrieval=False),
 }
 FLAGS = ["--model", RECIPE["model"], "--lock-text", "--aug-cfg", *RECIPE["aug_cfg"], "--wd", str(RECIPE["wd"]),

@@ -88,21 +88,21 @@ def paired_interval(diffs: Sequence[float], confidence: float = 0.95) -> dict[st
     return {"n": n, "mean": mean, "ci": [mean - half, mean + half], "confidence": confidence}
 
 
-def same_seed_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter"
-                          ) -> list[float | None]:
-    """Per row, its `key` minus that of the row without filter (row[group] == "none") of the same seed; None for rows
-    without filter, without a value, or without such a seed-mate."""
-    base = {row["seed"]: row[key] for row in rows if row[group] == "none" and row.get(key) is not None}
-    return [None if row[group] == "none" or row.get(key) is None or row.get("seed") not in base
+def same_seed_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter",
+                          baseline: str = "none") -> list[float | None]:
+    """Per row, its `key` minus that of the baseline row (row[group] == baseline: no filter by default) of the same
+    seed; None for baseline rows, rows without a value, or without such a seed-mate."""
+    base = {row["seed"]: row[key] for row in rows if row[group] == baseline and row.get(key) is not None}
+    return [None if row[group] == baseline or row.get(key) is None or row.get("seed") not in base
             else row[key] - base[row["seed"]] for row in rows]
 
 
-def paired_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter"
-                       ) -> dict[str, dict[str, Any]]:
-    """Per filter label (rows' `group`), the paired differences of `key` to the "none" row of the same seed and
-    their `paired_interval`; rows without a seed-mate without filter are left out."""
+def paired_differences(rows: Sequence[dict[str, Any]], key: str = "acc1", group: str = "filter",
+                       baseline: str = "none") -> dict[str, dict[str, Any]]:
+    """Per label (rows' `group`), the paired differences of `key` to the baseline row (no filter by default) of the
+    same seed and their `paired_interval`; rows without a baseline seed-mate are left out."""
     out: dict[str, dict[str, Any]] = {}
-    for row, diff in zip(rows, same_seed_differences(rows, key, group)):
+    for row, diff in zip(rows, same_seed_differences(rows, key, group, baseline)):
         if diff is not None:
             pairs = out.setdefault(row[group], {"seeds": [], "diffs": []})
             pairs["seeds"].append(row["seed"])

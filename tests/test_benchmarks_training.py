@@ -101,9 +101,11 @@ def test_mean_std_skips_undefined_values() -> None:
     assert _reproduce.mean_std([0.5]) == (0.5, 0.0)
 
 
-def _row(variant: str, acc: float, acc_std: float, f1: float | None, fracs: list[float]) -> dict:
-    return {"loss": "clip", "variant": variant, "zeroshot_acc1_mean": acc, "zeroshot_acc1_std": acc_std,
-            "fn_f1_mean": f1, "filtered_per_epoch": fracs}
+def _row(variant: str, acc: float, acc_std: float, f1: float | None, fracs: list[float], alpha: float = 0.1,
+         precision: float | None = None) -> dict:
+    return {"loss": "clip", "variant": variant, "alpha": alpha if variant in _reproduce.ALPHA_VARIANTS else None,
+            "zeroshot_acc1_mean": acc, "zeroshot_acc1_std": acc_std, "fn_f1_mean": f1, "filtered_per_epoch": fracs,
+            "filtered_frac_mean": fracs[-1], "fn_precision_mean": precision}
 
 
 def test_targets_by_hand() -> None:
@@ -112,14 +114,54 @@ def test_targets_by_hand() -> None:
             _row("glofnd-one", 0.79, 0.03, 0.45, [0, .02, .12]),
             _row("glofnd-quantile", 0.85, 0.01, 0.51, [0, .1, .14]),
             _row("oracle", 0.88, 0.01, 1.0, [0, .1, .1])]
-    one, quantile = _reproduce.targets(rows, alpha=0.1, mask_start_epoch=1)
+    one, quantile = _reproduce.targets(rows, mask_start_epoch=1)
     assert one["filtered_within_1.5x"] is False and quantile["filtered_within_1.5x"] is True   # 0.02 < 0.0667
     assert one["fn_f1_10_points_over_fnd"] is False and quantile["fn_f1_10_points_over_fnd"] is True
     assert one["acc1_within_1_std_of_none"] is True and one["closes_half_of_oracle_gap"] is False   # -0.01 ≥ -0.02
     assert quantile["closes_half_of_oracle_gap"] is True and quantile["oracle_gap"] == pytest.approx(0.08)
     assert quantile["oracle_beats_none_by_1_std"] is True                            # 0.08 > 0.02
     rows[-1] = _row("oracle", 0.81, 0.01, 1.0, [0, .1, .1])
-    assert _reproduce.targets(rows, alpha=0.1, mask_start_epoch=1)[0]["oracle_beats_none_by_1_std"] is False
+    assert _reproduce.targets(rows, mask_start_epoch=1)[0]["oracle_beats_none_by_1_std"] is False
+
+
+def test_targets_per_alpha_compare_with_fnd_at_that_alpha_and_at_equal_share() -> None:
+    """A sweep's targets: one per (GloFND start, α), its ×1.5 band and F1 against fnd at that α; FN precision against
+    fnd's at the same filtered share, linear between fnd's points (shares 3% and 9%: precision 0.9 and 0.6), none
+    outside them."""
+    rows = [_row("none", 0.80, 0.02, None, [0, 0]),
+            _row("fnd", 0.80, 0.01, 0.30, [0, .03], alpha=0.01, precision=0.9),
+            _row("fnd", 0.80, 0.01, 0.40, [0, .09], alpha=0.05, precision=0.6),
+            _row("glofnd-quantile", 0.81, 0.01, 0.45, [0, .012], alpha=0.01, precision=0.95),
+            _row("glofnd-quantile", 0.81, 0.01, 0.45, [0, .06], alpha=0.05, precision=0.8)]
+    small, large = _reproduce.targets(rows, mask_start_epoch=1, batch_size=32)
+    assert (small["alpha"], large["alpha"]) == (0.01, 0.05) and small["alpha_times_b"] == pytest.approx(0.32)
+    assert small["filtered_within_1.5x"] is True and large["filtered_within_1.5x"] is True   # 1.2% ∈ [0.67, 1.5]%
+    assert small["fn_f1_minus_fnd"] == pytest.approx(0.15) and large["fn_f1_minus_fnd"] == pytest.approx(0.05)
+    assert "fn_precision_minus_fnd_equal_share" not in small                  # 0.6% share: below what fnd filters
+    assert large["fn_precision_minus_fnd_equal_share"] == pytest.approx(0.8 - 0.75)   # fnd at 3% share: 0.75
+    assert large["fn_precision_10_points_over_fnd_equal_share"] is False
+    assert _reproduce.at_equal_share(rows, {**rows[4], "filtered_frac_mean": 0.03}) == pytest.approx(0.9)
+
+
+def test_a_sweep_plans_the_filters_that_read_alpha_once_per_alpha() -> None:
+    """No filter and the oracle run once per seed (they never read α); fnd and GloFND once per α, named by it."""
+    ns = reproduce_digits.parse_args(["--alphas", "0.01", "0.1", "--seeds", "0", "1", "--losses", "clip",
+                                      "--variants", "none", "glofnd-one", "oracle"])
+    assert _reproduce.plan(ns) == [("clip", "none", 0, None), ("clip", "glofnd-one", 0, 0.01),
+                                   ("clip", "glofnd-one", 0, 0.1), ("clip", "oracle", 0, None),
+                                   ("clip", "none", 1, None), ("clip", "glofnd-one", 1, 0.01),
+                                   ("clip", "glofnd-one", 1, 0.1), ("clip", "oracle", 1, None)]
+    assert _reproduce.run_name("clip", "glofnd-one", 1, 0.01) == "clip-glofnd-one-a0.01-s1"
+    assert _reproduce.run_name("clip", "none", 1, None) == "clip-none-s1"
+    bed = _reproduce.Bed("b", "t", "z", None)
+    none = _reproduce.train_argv(ns, bed, "clip", "none", 0, Path("logs"), "run")
+    assert not any(flag.startswith("--fnd-") for flag in none)                 # only what --fnd none reads
+    oracle = _reproduce.train_argv(ns, bed, "clip", "oracle", 0, Path("logs"), "run")
+    assert [f for f in oracle if f.startswith("--fnd-")] == ["--fnd-mask-start-epoch"]
+    fnd = _reproduce.train_argv(ns, bed, "clip", "fnd", 0, Path("logs"), "run", 0.1)
+    assert fnd[fnd.index("--fnd-alpha") + 1] == "0.1" and "--fnd-lr" not in fnd
+    with pytest.raises(SystemExit):
+        reproduce_digits.parse_args(["--alphas", "0.1", "1.5"])
 
 
 def test_run_metrics_read_the_trainers_log_and_skip_the_warmup() -> None:
@@ -224,10 +266,12 @@ def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[di
     assert _reproduce.finished_run(run, argv, epochs=1) is not None               # at their defaults: the same run
     assert _reproduce.finished_run(run, argv + ["--state-device", "cpu"], epochs=1) is None
     assert _reproduce.finished_run(run, argv + ["--fnd-init", "quantile"], epochs=1) is not None   # --fnd none
+    assert _reproduce.finished_run(run, argv + ["--fnd-alpha", "0.02"], epochs=1) is not None     # at every α
     glofnd = _reproduce.train_argv(ns, bed, "clip", "glofnd-one", 0, tmp_path, "run")
     (run / "config.yaml").write_text(dump(parse_config(glofnd[1:])[0]))
     assert _reproduce.finished_run(run, glofnd, epochs=1) is not None
     assert _reproduce.finished_run(run, glofnd + ["--fnd-init", "quantile"], epochs=1) is None
+    assert _reproduce.finished_run(run, glofnd + ["--fnd-alpha", "0.02"], epochs=1) is None
     assert not any(run_["reused"] for run_ in r["runs"])                               # fresh folders: trained
 
 
@@ -311,7 +355,31 @@ def test_paired_acc1_and_its_targets_by_hand() -> None:
     half = 0.01 * 4.302653 / 3 ** 0.5
     assert paired["mean"] == pytest.approx(.02) and paired["ci"] == pytest.approx([.02 - half, .02 + half], rel=1e-5)
     row = {**_row("glofnd-one", 0.82, 0.1, None, [0]), "zeroshot_acc1_paired": paired}
-    item = _reproduce.targets([_row("none", 0.8, 0.1, None, [0]), row], alpha=0.1, mask_start_epoch=0)[0]
+    item = _reproduce.targets([_row("none", 0.8, 0.1, None, [0]), row], mask_start_epoch=0)[0]
     assert item["acc1_paired_gain"] is False and item["acc1_paired_no_loss"] is True
     single = _reproduce.paired_acc1(runs[:1] + runs[3:4], "clip", "glofnd-one")
     assert single["n"] == 1 and single["ci"] is None
+    runs = [{**r, "alpha": 0.1} for r in runs[3:]] + [{"loss": "clip", "variant": v, "seed": 3, "alpha": a,
+                                                       "zeroshot_acc1": acc}
+                                                      for v, a, acc in (("fnd", 0.1, .95), ("fnd", 0.01, .5))]
+    against_fnd = _reproduce.paired_acc1(runs, "clip", "glofnd-one", 0.1, baseline="fnd")   # fnd at the same α
+    assert against_fnd["seeds"] == [3] and against_fnd["diffs"] == pytest.approx([.04])
+
+
+def test_sweep_figure_and_jobs_side_by_side(digits_dir: Path, tmp_path: Path) -> None:
+    """--quick at two α with --jobs 2: the runs come back in plan order from the worker processes, the sweep figure
+    is drawn, and a rerun in one process finds every run finished (reused, with the same numbers)."""
+    runs_dir, out = tmp_path / "runs", tmp_path / "sweep.json"
+    argv = ["--quick", "--data", str(digits_dir), "--alphas", "0.02", "0.1", "--variants", "none", "fnd",
+            "--runs-dir", str(runs_dir), "--output", str(out)]
+    assert reproduce_digits.main([*argv, "--jobs", "2"]) == 0
+    first = json.loads(out.read_text())
+    assert [(r["variant"], r["alpha"]) for r in first["runs"]] == [("none", None), ("fnd", 0.02), ("fnd", 0.1)]
+    assert [(t["variant"], t["alpha"]) for t in first["targets"]] == []                # no GloFND asked
+    assert "reproduce_digits_sweep.png" not in first["plots"] and "sweep_sweep.png" in first["plots"]
+    assert "sweep_a0.02_filtered.png" in first["plots"] and first["settings"]["jobs"] == 2
+    assert 0 < first["runs"][1]["filtered_frac"] <= 1 / 31 + 1e-9       # α·(b − 1) < 1: at most a row's top-1
+    assert reproduce_digits.main(argv) == 0
+    again = json.loads(out.read_text())
+    assert all(r["reused"] for r in again["runs"])
+    assert [r["zeroshot_acc1"] for r in again["runs"]] == [r["zeroshot_acc1"] for r in first["runs"]]

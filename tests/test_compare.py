@@ -66,3 +66,5 @@ def test_paired_interval_by_hand() -> None:
     rows += [{"filter": "glofnd (one)", "seed": s, "acc1": a} for s, a in ((0, 0.91), (1, 0.82), (3, 0.99))]
     pair = paired_differences(rows)["glofnd (one)"]
     assert pair["seeds"] == [0, 1] and pair["diffs"] == pytest.approx([0.01, 0.02])      # seed 3 has no mate
+    against = paired_differences(rows, baseline="glofnd (one)")["none"]                  # another baseline
+    assert against["seeds"] == [0, 1] and against["diffs"] == pytest.approx([-0.01, -0.02])
