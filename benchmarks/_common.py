@@ -143,3 +143,29 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out a matplotlib Figure and write it as `path` (its folder created)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """y at x, linear between the (x, y) points sorted by x; None outside their range (a single point: its y there)."""
+    points = sorted(points)
+    if not points or not points[0][0] <= x <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1]
+
+
+def global_quantile(sim: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Each row's exact (1 − α) quantile over its n − 1 negatives of a square similarity (the diagonal is the
+    positive) [n]: the threshold GloFND's λ estimates."""
+    n = sim.shape[0]
+    return torch.nanquantile(sim.masked_fill(torch.eye(n, dtype=torch.bool), float("nan")), 1 - alpha, dim=1)

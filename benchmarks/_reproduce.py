@@ -283,15 +283,11 @@ def at_equal_share(rows: list[dict[str, Any]], row: dict[str, Any], key: str = "
     """fnd's `key` at `row`'s filtered share: linear in the share between fnd's (share, value) points of the same
     loss over the α swept (means over seeds); None outside their range — below α·(b − 1) = 1 the mini-batch quantile
     filters a row's top-1 whatever α is, so it cannot filter less."""
-    points = sorted((r["filtered_frac_mean"], r[key]) for r in rows
-                    if r["loss"] == row["loss"] and r["variant"] == "fnd" and r[key] is not None)
-    share = row["filtered_frac_mean"]
-    if not points or row[key] is None or not points[0][0] <= share <= points[-1][0]:
+    if row[key] is None:
         return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= share <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (share - x0) / (x1 - x0)
-    return points[0][1]                                                        # one point, at that share
+    return _common.interpolate([(r["filtered_frac_mean"], r[key]) for r in rows
+                                if r["loss"] == row["loss"] and r["variant"] == "fnd" and r[key] is not None],
+                               row["filtered_frac_mean"])
 
 
 def targets(rows: list[dict[str, Any]], mask_start_epoch: int, batch_size: int | None = None
@@ -409,10 +405,7 @@ def _figure(panels: int, height: float = 4.0) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def plot_filtered(path: Path, rows: list[dict[str, Any]], alpha: float, mask_start_epoch: int) -> Path:

@@ -102,12 +102,6 @@ def embed(data: Path, checkpoint: Path, num_samples: int | None) -> tuple[torch.
 
 
 # ------------------------------------------------------------------------------------------------------ rules
-def global_thresholds(sim: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Each row's exact (1 − α) quantile over its n − 1 negatives (the diagonal is the positive) [n]."""
-    n = sim.shape[0]
-    return torch.nanquantile(sim.masked_fill(torch.eye(n, dtype=torch.bool), float("nan")), 1 - alpha, dim=1)
-
-
 def detect(sim: torch.Tensor, labels: torch.Tensor, rule: str, alpha: float, batch_size: int, epochs: int,
            mask_start_epoch: int, fnd_lr: float, seed: int) -> dict[str, int]:
     """Counts (filtered, true, present) of one rule over the masking epochs, both anchor modalities (sim [n, n]:
@@ -118,7 +112,7 @@ def detect(sim: torch.Tensor, labels: torch.Tensor, rule: str, alpha: float, bat
     counts = {"filtered": 0, "true": 0, "present": 0}
     for anchors in (sim, sim.T.contiguous()):
         if rule == "global":
-            lam = global_thresholds(anchors, alpha)                                      # [n]
+            lam = _common.global_quantile(anchors, alpha)                                      # [n]
         else:
             mode, init = ("fnd", "one") if rule == "fnd" else ("glofnd", rule.split("-")[1])
             fnd = GloFND(n, alpha, lr=fnd_lr, mode=mode, init=init, mask_start_epoch=mask_start_epoch,
@@ -153,17 +147,6 @@ def scores(counts: dict[str, int]) -> dict[str, float | None]:
     return {"precision": precision, "recall": recall, "f1": f1, "share": counts["filtered"] / counts["negatives"]}
 
 
-def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
-    """y at x, linear between the (x, y) points sorted by x; None outside their range."""
-    points = sorted(points)
-    if not points or not points[0][0] <= x <= points[-1][0]:
-        return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1]
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (batch, rule, α): scores of the counts pooled over seeds; GloFND rows get fnd's precision, recall and F1 at
     their share (`fnd_at_share`)."""
@@ -176,7 +159,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["rule"] != "fnd":
             fnd = [r for r in rows if r["rule"] == "fnd" and r["batch_size"] == row["batch_size"]]
-            row["fnd_at_share"] = {m: interpolate([(r["share"], r[m]) for r in fnd if r[m] is not None], row["share"])
+            row["fnd_at_share"] = {m: _common.interpolate([(r["share"], r[m]) for r in fnd if r[m] is not None],
+                                                          row["share"])
                                    for m in ("precision", "recall", "f1")}
     return rows
 
@@ -212,10 +196,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
                    xlabel="filtered % of negatives (log; points: the α grid)", ylabel=metric, ylim=(0, 1.02))
             ax.title.set_fontsize(9)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,7 @@ def run_config(img: torch.Tensor, txt: torch.Tensor, *, alpha: float, lr: float,
     """λ of the image anchors learned from mini-batches, epoch by epoch; errors against the global quantile."""
     n = img.shape[0]
     sim = img @ txt.T                                                                        # [n, n] frozen
-    target = torch.nanquantile(sim.masked_fill(torch.eye(n, dtype=torch.bool), float("nan")), 1 - alpha, dim=1)  # [n]
+    target = _common.global_quantile(sim, alpha)                                             # [n]
     fnd = GloFND(n, alpha=alpha, lr=lr, init=init)
     gen = torch.Generator().manual_seed(seed + 1000)                                         # same order per init
     out = []
@@ -155,10 +155,7 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> Path:
                "updates per sample)", ylabel="relative error (1 = filters nothing)", ylim=(0, None))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

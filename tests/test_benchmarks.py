@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                          # `benchmarks` lives at the repository root, not in the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import fn_detection, glofnd_init, gpu, memory, overhead  # noqa: E402
+from benchmarks import _common, fn_detection, glofnd_init, gpu, memory, overhead  # noqa: E402
 
 FLOAT32, INT32, INT64 = 4, 4, 8                         # bytes per element, by definition of the dtypes
 GLOFND_ROW = 3 * FLOAT32 + INT32                        # λ, m, v float32 + steps int32, one anchor modality
@@ -208,8 +208,8 @@ def test_fn_detection_rules_against_loops() -> None:
 
 def test_fn_detection_compares_at_equal_share() -> None:
     """fnd's precision interpolated at a GloFND row's share (linear between fnd's points, none outside them)."""
-    assert fn_detection.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.06) == pytest.approx(0.75)
-    assert fn_detection.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.01) is None
+    assert _common.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.06) == pytest.approx(0.75)
+    assert _common.interpolate([(0.03, 0.9), (0.09, 0.6)], 0.01) is None
     runs = [{"batch_size": 32, "rule": rule, "alpha": a, "seed": 0,
              "counts": {"filtered": f, "true": t, "present": 100, "negatives": 1000}}
             for rule, a, f, t in (("fnd", 0.01, 30, 27), ("fnd", 0.1, 90, 54), ("glofnd-one", 0.05, 60, 48))]
