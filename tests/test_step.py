@@ -247,6 +247,15 @@ def test_filter_and_loss_compile_without_graph_breaks(loss: str, fnd: str, tmp_p
     assert explained.graph_count == 1
 
 
+def test_filter_and_loss_compile_without_graph_breaks_with_the_shared_offset(tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd", fnd_offset_lr=0.01), DistInfo())
+    data = batches(2)
+    step.train_step(data[0], parts, epoch=0)
+    explained = _graph_breaks(parts, data[1])
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons][:3]
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_compiled_step_equals_eager(loss: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--torch-compile (aot_eager here: no C++ compiler needed, the same graph capture) gives the eager loss, λ and u
