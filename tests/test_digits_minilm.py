@@ -71,6 +71,7 @@ def test_make_digits_minilm_writes_data_and_a_recipe_train_accepts(tmp_path: Pat
         RECIPE["batch_size"], RECIPE["epochs"], RECIPE["lr"], RECIPE["warmup"])
     assert cfg.data.train_data == str(out / "train" / "{00000..00011}.tar")
     assert cfg.run.zeroshot_data == (str(out / "wds" / "digits_cls"),) and cfg.run.eval_every == RECIPE["epochs"]
+    assert (cfg.fnd.alpha, cfg.fnd.lr, cfg.fnd.mask_start_epoch, cfg.fnd.init) == (0.02, 0.1, 1, "one")
 
 
 def test_locked_tower_trains_in_eval_mode(minilm: tuple) -> None:
