@@ -39,18 +39,13 @@ from clip_glofnd.compare import MODALITIES, filtered_fraction, fn_scores, paired
 LOSSES = ("clip", "sogclr")
 VARIANTS = {"none": ["--fnd", "none"], "fnd": ["--fnd", "fnd"],
             "glofnd-one": ["--fnd", "glofnd", "--fnd-init", "one"],
-            "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"],
-            "glofnd-one-offset": ["--fnd", "glofnd", "--fnd-init", "one"],
-            "glofnd-quantile-offset": ["--fnd", "glofnd", "--fnd-init", "quantile"]}
-DEFAULT_VARIANTS = ("none", "fnd", "glofnd-one", "glofnd-quantile", "oracle")
-OFFSET = ("glofnd-one-offset", "glofnd-quantile-offset")     # with the shared offset (--fnd-offset-lr, --offset-lr)
-GLOFND = ("glofnd-one", "glofnd-quantile", *OFFSET)
+            "glofnd-quantile": ["--fnd", "glofnd", "--fnd-init", "quantile"], "oracle": ["--fnd", "oracle"]}
+GLOFND = ("glofnd-one", "glofnd-quantile")
 ALPHA_VARIANTS = ("fnd", *GLOFND)                       # the filters that read α (swept by --alphas)
-_GLOFND_ONLY = ("fnd_lr", "fnd_init", "fnd_bias_correction", "fnd_start_epoch", "fnd_offset_lr")
+_GLOFND_ONLY = ("fnd_lr", "fnd_init", "fnd_bias_correction", "fnd_start_epoch")
 UNREAD = {"glofnd": (), "fnd": _GLOFND_ONLY, "oracle": ("fnd_alpha", *_GLOFND_ONLY),   # settings a --fnd mode never
           "none": ("fnd_alpha", "fnd_mask_start_epoch", *_GLOFND_ONLY)}              # reads: not compared on reuse
-COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3",
-          "glofnd-one-offset": "C4", "glofnd-quantile-offset": "C5"}
+COLORS = {"none": "C7", "fnd": "C1", "glofnd-one": "C0", "glofnd-quantile": "C2", "oracle": "C3"}
 
 
 @dataclass
@@ -80,10 +75,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fnd-lr", type=float, help="Adam step of λ")
     p.add_argument("--mask-start-epoch", type=int, help="every filter masks from this epoch on (0-based)")
     p.add_argument("--losses", nargs="+", choices=LOSSES, help=f"default: {' '.join(LOSSES)}")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                   help=f"default: {' '.join(DEFAULT_VARIANTS)}; the -offset ones add GloFND's shared offset")
-    p.add_argument("--offset-lr", type=float, default=0.01,
-                   help="--fnd-offset-lr of the -offset variants (the offset's Adam step)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(VARIANTS)}")
     p.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=None,
                    help="skip the retrieval evaluation (R@1 left empty)")
     p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder); finished "
@@ -96,7 +88,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def apply_preset(ns: argparse.Namespace, presets: dict[str, dict[str, Any]], p: argparse.ArgumentParser) -> None:
     """Unset flags take the preset (full, or quick with --quick); sanity checks."""
-    defaults = {"losses": list(LOSSES), "variants": list(DEFAULT_VARIANTS), "retrieval": True}
+    defaults = {"losses": list(LOSSES), "variants": list(VARIANTS), "retrieval": True}
     for key, value in {**defaults, **presets["quick" if ns.quick else "full"]}.items():
         if getattr(ns, key, None) is None:
             setattr(ns, key, value)
@@ -113,7 +105,7 @@ def learn_from(variant: str, mask_start_epoch: int) -> int:
     """--fnd-start-epoch of a filter: λ = 1 learns from epoch 0, so that it has walked down when masking starts; the
     warm start learns from the masking epoch (its first visit then sets λ from the model that masks; set earlier, it
     would come from similarities the model no longer has — on digits from scratch, from the initial plateau)."""
-    return mask_start_epoch if variant.startswith("glofnd-quantile") else 0
+    return mask_start_epoch if variant == "glofnd-quantile" else 0
 
 
 def filter_flags(ns: argparse.Namespace, variant: str, alpha: float | None) -> list[str]:
@@ -125,8 +117,6 @@ def filter_flags(ns: argparse.Namespace, variant: str, alpha: float | None) -> l
         flags += ["--fnd-alpha", str(alpha)]
     if variant in GLOFND:
         flags += ["--fnd-lr", str(ns.fnd_lr), "--fnd-start-epoch", str(learn_from(variant, ns.mask_start_epoch))]
-    if variant in OFFSET:
-        flags += ["--fnd-offset-lr", str(ns.offset_lr)]
     return flags
 
 

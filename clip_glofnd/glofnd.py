@@ -24,15 +24,7 @@ Bias correction: λ_i is its own parameter, updated only when i is in a batch, s
 bias correction uses the row's own number of Adam steps t_i. ``"epoch"`` is the authors' code exactly: t = epoch + 1
 with the absolute epoch, whatever the start epoch, which shrinks a sample's first steps (first updated at epoch 15,
 their CC3M start, λ moves by ~0.46·lr instead of lr); it equals ``"sample"`` only when learning starts at epoch 0 and
-every sample is seen exactly once per epoch.
-
-Shared offset (``offset_lr`` > 0; off by default, and then every tensor is bit for bit the paper's update): λ_i is
-visited once an epoch while the model's similarities move every step, so a per-sample λ lags their drift. With the
-offset the threshold of anchor i is λ_i + δ, one scalar δ per modality that takes an Adam step (lr ``offset_lr``) at
-every call on the batch's quantile error α − (negatives above their thresholds) / (negatives): between two visits of
-i, δ carries i's threshold along with the batch's. λ_i learns on the same counts as before, against λ_i + δ, and the
-warm start sets λ_i = quantile − δ. δ and its Adam moments are in `state_dict` (not per-sample rows). One process
-only: each rank would learn its own δ from its own rows. Pure tensor code: no I/O, no torch.distributed, no globals.
+every sample is seen exactly once per epoch. Pure tensor code: no I/O, no torch.distributed, no globals.
 """
 from __future__ import annotations
 
@@ -46,7 +38,6 @@ MODES = ("none", "glofnd", "fnd", "oracle")
 INITS = ("one", "quantile")
 BIAS_CORRECTIONS = ("sample", "epoch")
 STATE_KEYS = ("lam", "m", "v", "steps")
-OFFSET_KEYS = ("offset", "offset_m", "offset_v", "offset_steps")   # the shared offset δ (with offset_lr > 0)
 _QUANTILE_MAX_NUMEL = 1 << 24  # torch.(nan)quantile refuses larger inputs
 _COUNT_CHUNK = 32767           # int16 partial row sums are exact up to this many columns
 
@@ -169,7 +160,6 @@ class GloFND:
             self, num_samples: int, alpha: float, lr: float = 0.05, betas: tuple[float, float] = (0.9, 0.98),
             eps: float = 1e-8, start_epoch: int = 0, mask_start_epoch: int | None = None, mode: str = "glofnd",
             device: torch.device | str | None = None, bias_correction: str = "sample", init: str = "one",
-            offset_lr: float = 0.0,
     ) -> None:
         mask_start_epoch = start_epoch if mask_start_epoch is None else mask_start_epoch
         checks = [  # (ok, what is wrong)
@@ -185,39 +175,27 @@ class GloFND:
             (bias_correction in BIAS_CORRECTIONS,
              f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"),
             (init in INITS, f"init must be one of {INITS}, got {init!r}"),
-            (offset_lr >= 0.0, f"offset_lr must be >= 0 (0: no shared offset), got {offset_lr}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"GloFND: {message}")
         self.num_samples, self.alpha, self.lr, self.betas, self.eps = int(num_samples), alpha, lr, tuple(betas), eps
         self.start_epoch, self.mask_start_epoch, self.mode = start_epoch, mask_start_epoch, mode
-        self.bias_correction, self.init, self.offset_lr = bias_correction, init, offset_lr
+        self.bias_correction, self.init = bias_correction, init
         n = self.num_samples
         self.lam = torch.ones(n, dtype=torch.float32, device=device)              # [n] thresholds λ
         self.m = torch.zeros(n, dtype=torch.float32, device=device)               # [n] Adam first moments
         self.v = torch.zeros(n, dtype=torch.float32, device=device)               # [n] Adam second moments
         self.steps = torch.zeros(n, dtype=torch.int32, device=device)             # [n] visits (updates) per sample
-        self.offset, self.offset_m, self.offset_v = (torch.zeros((), device=device) for _ in range(3))   # δ, Adam
-        self.offset_steps = torch.zeros((), dtype=torch.int32, device=device)     # calls that stepped δ
 
     @property
     def threshold(self) -> Tensor:
-        """The thresholds, float32 [num_samples]: λ (the live tensor, not a copy), or λ + δ with the shared offset."""
-        return self.shift(self.lam)
-
-    def shift(self, lam: Tensor) -> Tensor:
-        """Thresholds from λ values: λ + δ with the shared offset, else λ itself (the same tensor)."""
-        return lam + self.offset.to(lam.device) if self.offset_lr else lam
-
-    def shared_state(self) -> list[Tensor]:
-        """The state tensors that are not per-sample rows (δ and its Adam moments; empty without the offset), for a
-        caller that must put a step back (the trainer's non-finite guard)."""
-        return [getattr(self, key) for key in OFFSET_KEYS] if self.offset_lr else []
+        """λ, float32 [num_samples] (the live tensor, not a copy)."""
+        return self.lam
 
     def to(self, device: torch.device | str) -> GloFND:
         """Move the state to `device`; returns self."""
-        for key in STATE_KEYS + OFFSET_KEYS:
+        for key in STATE_KEYS:
             setattr(self, key, getattr(self, key).to(device))
         return self
 
@@ -234,7 +212,7 @@ class GloFND:
         sim, ids, neg_mask = self._check(sim, ids, neg_mask)
         if not self._learns(sim, epoch):
             return {"updated_rows": 0.0}
-        above, negatives = count_above(sim, self.shift(self.lam[ids].to(sim.device)), neg_mask)   # [B], [B]
+        above, negatives = count_above(sim, self.lam[ids].to(sim.device), neg_mask)          # [B], [B]
         _, stats = self._step(sim, ids, epoch, above, negatives,
                               lambda rows: None if neg_mask is None else neg_mask[rows])
         return dict(zip(("updated_rows", "lam_mean", "grad_mean", "above_frac"), stats.tolist()))
@@ -272,7 +250,7 @@ class GloFND:
         no graph break under torch.compile with init="one". sim [B, M] float (non-finite entries are allowed: they
         count as not above λ); ids [B] integer on the state device, in [0, num_samples); positive [B] integer columns
         on sim's device (or None); labels / candidate_labels as `keep_mask` (oracle mode). The λ rows returned are None
-        in modes other than glofnd (no per-sample state); with the shared offset they are λ + δ. With init="quantile" the first-visit rows are found with one
+        in modes other than glofnd (no per-sample state). With init="quantile" the first-visit rows are found with one
         host read (`nonzero`).
         """
         if not sim.is_floating_point() or sim.dtype == torch.float64:
@@ -280,14 +258,14 @@ class GloFND:
         if self.mode != "glofnd":
             return self._baseline_mask(sim, epoch, positive, labels, candidate_labels), None
         ids = ids.to(self.lam.device, torch.long)
-        lam_rows = self.shift(self.lam[ids].to(sim.device))                       # [B] thresholds before the step
+        lam_rows = self.lam[ids].to(sim.device)                                   # [B] λ before the step
         learn_epoch = epoch if learn_epoch is None else learn_epoch
         if self._learns(sim, learn_epoch):
             above, negatives = count_above_except(sim, lam_rows, positive)        # [B], [B]
             new_rows, _ = self._step(sim, ids, learn_epoch, above, negatives,
                                      lambda rows: None if positive is None else negatives_except(
                                          positive[rows], (len(rows), sim.shape[1])))
-            lam_rows = self.shift(new_rows.to(sim.device))                        # [B] thresholds after the step
+            lam_rows = new_rows.to(sim.device)                                    # [B] λ after the step
         if epoch < self.mask_start_epoch or sim.numel() == 0:
             return torch.ones(sim.shape, dtype=torch.bool, device=sim.device), lam_rows
         keep = sim <= lam_rows.nan_to_num(nan=math.inf)[:, None]                  # [B, M]; NaN λ keeps all
@@ -313,8 +291,8 @@ class GloFND:
             self, sim: Tensor, ids: Tensor, epoch: int, above: Tensor, negatives: Tensor,
             neg_rows: Callable[[Tensor], Tensor | None],
     ) -> tuple[Tensor, Tensor]:
-        """The Adam step (or first-visit quantile) of the ids from per-row counts of negatives above their threshold
-        and of negatives (then the offset's step, with offset_lr); writes the state. Returns λ per row after the step [B] (state device) and the statistics
+        """The Adam step (or first-visit quantile) of the ids from per-row counts of negatives above λ and of
+        negatives; writes the state. Returns λ per row after the step [B] (state device) and the statistics
         [updated_rows, lam_mean, grad_mean, above_frac] as one tensor. `neg_rows(rows)` is the negative mask of those
         rows of sim (for the first-visit quantile)."""
         above, negatives = above.to(self.lam.device), negatives.to(self.lam.device)
@@ -323,8 +301,6 @@ class GloFND:
         grad = has_neg * (self.alpha - above / negatives.clamp_min(1))            # [B] g_i per row
         count = torch.zeros_like(has_neg).index_add_(0, slot, has_neg)            # [B] rows with negatives per slot
         grad = torch.zeros_like(grad).index_add_(0, slot, grad) / count.clamp_min(1)  # [B] mean g per unique id
-        if self.offset_lr:
-            self._step_offset(above, negatives)
         active = count > 0                                                        # [B] slots that take a step
         lam, m, v, steps = (getattr(self, key)[slot_ids] for key in STATE_KEYS)
         warm = self.init == "quantile"
@@ -344,28 +320,16 @@ class GloFND:
         ])
         return new[0][slot], stats
 
-    def _step_offset(self, above: Tensor, negatives: Tensor) -> None:
-        """One Adam step of the shared offset δ on the batch's quantile error α − Σ above / Σ negatives (0 without
-        negatives), in place."""
-        total = negatives.sum()
-        grad = torch.where(total > 0, self.alpha - above.sum() / total.clamp_min(1), 0.0)
-        self.offset_steps += 1
-        new = adam_step(self.offset, self.offset_m, self.offset_v, grad, self.offset_steps, lr=self.offset_lr,
-                        betas=self.betas, eps=self.eps)
-        for key, value in zip(OFFSET_KEYS, new):
-            getattr(self, key).copy_(value)
-
     def _first_visit_lam(self, sim: Tensor, neg_rows: Callable[[Tensor], Tensor | None], slot: Tensor,
                          has_neg: Tensor, first: Tensor, lam_slots: Tensor) -> Tensor:
         """λ per slot [B] with first-visited slots set to their rows' mean mini-batch (1 − α) quantile over negatives;
-        the quantile is computed only for those rows (one host sync to find them); with the offset, the quantile − δ."""
+        the quantile is computed only for those rows (one host sync to find them)."""
         rows = (first[slot] & (has_neg > 0)).nonzero().squeeze(1)                  # [r] rows of first-visited ids
         if len(rows) == 0:
             return lam_slots
         at = rows.to(sim.device)
         q = minibatch_quantile(sim[at], neg_rows(at), self.alpha)                 # [r]
         q = q.to(lam_slots.device, lam_slots.dtype)
-        q = q - self.offset.to(q.device) if self.offset_lr else q                 # threshold λ + δ = the quantile
         total = torch.zeros_like(lam_slots).index_add_(0, slot[rows], q)          # [B] per slot
         count = torch.zeros_like(lam_slots).index_add_(0, slot[rows], torch.ones_like(q))
         return torch.where(first, (total / count.clamp_min(1)).clamp(-1.0, 1.0), lam_slots)
@@ -385,36 +349,28 @@ class GloFND:
         if self.mode == "none" or epoch < self.mask_start_epoch or sim.numel() == 0:
             return torch.ones(sim.shape, dtype=torch.bool, device=sim.device)
         if self.mode == "glofnd":
-            return keep_mask_from_threshold(sim, self.shift(self.lam[ids].to(sim.device)), neg_mask)
+            return keep_mask_from_threshold(sim, self.lam[ids].to(sim.device), neg_mask)
         if self.mode == "fnd":
             return keep_mask_from_threshold(sim, minibatch_quantile(sim, neg_mask, self.alpha), neg_mask)
         return oracle_keep_mask(labels, candidate_labels, neg_mask)
 
-    def _keys(self) -> tuple[str, ...]:
-        return STATE_KEYS + OFFSET_KEYS if self.offset_lr else STATE_KEYS
-
     def state_dict(self) -> dict[str, Tensor]:
-        """Per-sample state {lam, m, v, steps}, plus the shared offset's {offset, offset_m, offset_v, offset_steps}
-        with offset_lr; tensors are shared, not copied (as nn.Module.state_dict)."""
-        return {key: getattr(self, key) for key in self._keys()}
+        """Per-sample state {lam, m, v, steps}; tensors are shared, not copied (as nn.Module.state_dict)."""
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy a `state_dict()` in (to this object's device); sizes must match num_samples, and the offset's keys
-        are there exactly when offset_lr > 0."""
-        keys = self._keys()
-        missing = [key for key in keys if key not in state_dict]
-        unexpected = [key for key in state_dict if key not in keys]
+        """Copy a `state_dict()` in (to this object's device); sizes must match num_samples."""
+        missing = [key for key in STATE_KEYS if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in STATE_KEYS]
         if missing or unexpected:
-            hint = "; the state was saved with another offset_lr (--fnd-offset-lr 0 or not)" \
-                if set(missing + unexpected) & set(OFFSET_KEYS) else ""
-            raise ValueError(f"GloFND.load_state_dict: missing keys {missing}, unexpected keys {unexpected}{hint}")
-        for key in keys:
-            shape, want = tuple(state_dict[key].shape), () if key in OFFSET_KEYS else (self.num_samples,)
-            if shape != want:
+            raise ValueError(f"GloFND.load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        for key in STATE_KEYS:
+            shape = tuple(state_dict[key].shape)
+            if shape != (self.num_samples,):
                 raise ValueError(
-                    f"GloFND.load_state_dict: {key!r} has shape {shape}, expected {want}; the state was "
+                    f"GloFND.load_state_dict: {key!r} has shape {shape}, expected ({self.num_samples},); the state was "
                     f"saved for another num_samples (--train-num-samples)")
-        for key in keys:
+        for key in STATE_KEYS:
             getattr(self, key).copy_(state_dict[key])
 
     def export_rows(self, ids: Tensor) -> dict[str, Tensor]:

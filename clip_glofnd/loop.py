@@ -296,8 +296,7 @@ def lambda_report(parts: Parts, png: Path, title: str) -> dict[str, Any]:
     if parts.cfg.fnd.variant != "glofnd":
         return {}
     store, record = parts.store, {}
-    lam = {name: getattr(parts, f"fnd_{name}").shift(store.table(f"fnd_{name}", "lam"))   # [rows held] thresholds
-           for name in ("img", "txt")}
+    lam = {name: store.table(f"fnd_{name}", "lam") for name in ("img", "txt")}              # [rows held]
     seen = {name: store.table(f"fnd_{name}", "steps") > 0 for name in ("img", "txt")}       # updated at least once
     for name in ("img", "txt"):
         record.update(lambda_quantiles(lam[name], seen[name], f"lam_{name}_seen"))

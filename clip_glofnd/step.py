@@ -119,11 +119,7 @@ def build_parts(cfg: TrainConfig, dist: DistInfo, model: nn.Module, num_samples:
         mirror_temperature(model, loss_fn)
     fnd = cfg.fnd
     fnd_kwargs = dict(alpha=fnd.alpha, lr=fnd.lr, start_epoch=fnd.start_epoch, mask_start_epoch=fnd.mask_start_epoch,
-                      mode=fnd.variant, bias_correction=fnd.bias_correction, init=fnd.init, offset_lr=fnd.offset_lr,
-                      device=dist.device)
-    if fnd.offset_lr and dist.world_size > 1:
-        raise UsageError(f"--fnd-offset-lr {fnd.offset_lr}: the shared offset is learned in one process only (each "
-                         f"of the {dist.world_size} ranks would learn its own); leave it at 0 with torchrun")
+                      mode=fnd.variant, bias_correction=fnd.bias_correction, init=fnd.init, device=dist.device)
     fnd_rows = rows if fnd.variant == "glofnd" else 1       # the other filters keep no per-sample state
     fnd_img, fnd_txt = GloFND(fnd_rows, **fnd_kwargs), GloFND(fnd_rows, **fnd_kwargs)
     holders: dict[str, Any] = {"fnd_img": fnd_img, "fnd_txt": fnd_txt} if fnd.variant == "glofnd" else {}
@@ -340,12 +336,9 @@ class Undo:
 
 @torch.no_grad()
 def snapshot(parts: Parts, ids: Tensor) -> Undo:
-    """Copies of the per-sample rows of `ids` in every holder of the store, of GloFND's shared offset (with
-    --fnd-offset-lr) and of the model's floating buffers."""
+    """Copies of the per-sample rows of `ids` in every holder of the store, and of the model's floating buffers."""
     rows = {name: holder.export_rows(ids) for name, holder in parts.store.holders.items()}
-    shared = [t for fnd in (parts.fnd_img, parts.fnd_txt) for t in fnd.shared_state()]
     buffers = [(buf, buf.clone()) for buf in parts.unwrapped.buffers() if buf.is_floating_point()]
-    buffers += [(t, t.clone()) for t in shared]
     return Undo(ids, {name: r for name, r in rows.items() if r}, buffers)
 
 

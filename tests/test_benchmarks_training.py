@@ -240,13 +240,6 @@ def test_each_glofnd_start_learns_from_its_epoch() -> None:
                                  "glofnd-quantile", 0, Path("logs"), "run")
     assert argv[argv.index("--fnd-start-epoch") + 1] == argv[argv.index("--fnd-mask-start-epoch") + 1] == "2"
     assert "--retrieval-data" not in argv and argv[argv.index("--fnd-init") + 1] == "quantile"
-    assert "--fnd-offset-lr" not in argv                                        # the paper's update by default
-    ns = reproduce_digits.parse_args(["--variants", "glofnd-quantile-offset", "--offset-lr", "0.03"])
-    offset = _reproduce.train_argv(ns, _reproduce.Bed("b", "t", "z", None), "clip", "glofnd-quantile-offset", 0,
-                                   Path("logs"), "run")
-    assert offset[offset.index("--fnd-offset-lr") + 1] == "0.03" and offset[offset.index("--fnd-init") + 1] == \
-        "quantile" and offset[offset.index("--fnd-start-epoch") + 1] == "2"
-    assert "glofnd-one-offset" not in reproduce_digits.parse_args([]).variants  # opt-in
 
 
 def test_finished_runs_are_reused_only_when_identical(reproduce_result: tuple[dict, Path], digits_dir: Path,

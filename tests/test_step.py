@@ -41,7 +41,6 @@ PINNED = {"fnd_init=quantile": {"nonzero": 2},                       # a sample'
           "state_sharding=by-id": {},
           "state_device=cpu,state_sharding=by-id": {},
           "grad_clip_norm=1.0": {},
-          "fnd_offset_lr=0.01": {},                                  # one process only (test below)
           "accum_freq=2": {}}
 _READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
@@ -165,7 +164,7 @@ def _two_rank_reads(rank: int, port: int, tmp: str, out: str) -> None:
 
 TWO_RANK_RUNS = {**{f"{loss}/{fnd}": {"loss": loss, "fnd": fnd} for loss in LOSSES for fnd in FILTERS},
                  **{f"sogclr/glofnd/{spec}": {"loss": "sogclr", "fnd": "glofnd", **_flags(spec)}
-                    for spec in PINNED if not PINNED[spec] and "accum" not in spec and "offset" not in spec}}
+                    for spec in PINNED if not PINNED[spec] and "accum" not in spec}}
 
 
 def test_no_host_read_in_a_steady_step_on_two_processes(tmp_path: Path) -> None:
@@ -191,28 +190,6 @@ def test_skipped_step_keeps_optimizer_step_count(tmp_path: Path) -> None:
     metrics = step.train_step(data[1], parts, epoch=0)
     assert float(metrics["nonfinite"]) == 1.0
     assert all(torch.equal(a, s["step"]) for a, s in zip(counters, parts.optimizer.state.values()))
-
-
-def test_skipped_step_puts_the_shared_offset_back(tmp_path: Path) -> None:
-    """--fnd-offset-lr: a step that learned δ and is then skipped (non-finite) leaves δ, its moments and its step
-    count as they were; a finite step moves them."""
-    parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd", fnd_offset_lr=0.01), DistInfo())
-    data = batches(3)
-    step.train_step(data[0], parts, epoch=0)
-    before = [t.clone() for fnd in (parts.fnd_img, parts.fnd_txt) for t in fnd.shared_state()]
-    assert len(before) == 8 and before[0] != 0
-    data[1].images[0] = math.nan
-    assert float(step.train_step(data[1], parts, epoch=0)["nonfinite"]) == 1.0
-    after = [t for fnd in (parts.fnd_img, parts.fnd_txt) for t in fnd.shared_state()]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    step.train_step(data[2], parts, epoch=0)
-    assert not torch.equal(parts.fnd_img.offset, before[0]) and int(parts.fnd_img.offset_steps) == 2
-
-
-def test_shared_offset_refused_on_several_ranks(tmp_path: Path) -> None:
-    dist = DistInfo(0, 0, 2, torch.device("cpu"), "gloo", None)
-    with pytest.raises(step.UsageError, match="--fnd-offset-lr 0.01: the shared offset is learned in one process"):
-        make_parts(micro_config(tmp_path, fnd="glofnd", fnd_offset_lr=0.01), dist)
 
 
 def test_late_flags_come_in_step_order() -> None:
@@ -245,15 +222,6 @@ def test_filter_and_loss_compile_without_graph_breaks(loss: str, fnd: str, tmp_p
     explained = _graph_breaks(parts, data[1])
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons][:3]
     assert explained.graph_count == 1
-
-
-def test_filter_and_loss_compile_without_graph_breaks_with_the_shared_offset(tmp_path: Path) -> None:
-    torch._dynamo.reset()
-    parts = make_parts(micro_config(tmp_path, loss="clip", fnd="glofnd", fnd_offset_lr=0.01), DistInfo())
-    data = batches(2)
-    step.train_step(data[0], parts, epoch=0)
-    explained = _graph_breaks(parts, data[1])
-    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons][:3]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
