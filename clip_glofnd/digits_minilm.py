@@ -12,8 +12,8 @@ agree. Its filter settings, read only with `--fnd glofnd`, are the ones the evid
 benchmarks/README "The α sweep"): α 0.02 (α·b = 0.64, below one filtered negative per anchor per batch, as the
 paper's 1e-3 at batch 1,024), λ step 0.1, the paper's λ = 1 start, masks from the second epoch: over 12 paired seeds
 GloFND gains +0.8 [+0.2, +1.3] points of zero-shot acc1 over no filter with CLIP in 12 epochs; in 6 epochs λ = 1
-has not yet walked down to the similarities and no filter gains. Without augmentation the image tower can tie each training image to its own caption's wording, which is what
-same-class negatives push it to do; open_clip's default random crops (scale 0.9-1) blur that (pass `--aug-cfg
+has not yet walked down to the similarities and no filter gains. Without augmentation the image tower can tie each
+training image to its own caption's wording, which is what same-class negatives push it to do; open_clip's default random crops (scale 0.9-1) blur that (pass `--aug-cfg
 scale='(0.9,1)'` to train with them).
 
 Writes the digits (train/, wds/digits_cls, wds/digits_ret, digits.json) and `recipe.yaml`, a `--config` file with
