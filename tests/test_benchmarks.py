@@ -228,3 +228,31 @@ def test_fn_detection_quick(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert r["settings"]["samples"] == 96 and len(r["summary"]) == 2 * len(fn_detection.RULES)
     assert (tmp_path / "fn.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------------ heldout
+def test_heldout_logit_metrics_against_loops() -> None:
+    """acc1, the true class's softmax probability and the cosine margin over the best other class, by loops."""
+    import math
+
+    import torch
+    from benchmarks import heldout
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = 100 * (2 * torch.rand(7, 4, generator=gen) - 1), torch.randint(0, 4, (7,), generator=gen)
+    rows = logits.tolist()
+    acc = sum(max(range(4), key=row.__getitem__) == y for row, y in zip(rows, labels.tolist())) / 7
+    prob = sum(math.exp(row[y]) / sum(math.exp(v) for v in row) for row, y in zip(rows, labels.tolist())) / 7
+    margin = sum(row[y] - max(v for c, v in enumerate(row) if c != y) for row, y in zip(rows, labels.tolist())) / 700
+    got = heldout.logit_metrics(logits, labels)
+    assert got["acc1"] == acc and got["true_prob"] == pytest.approx(prob, rel=1e-6)
+    assert got["margin"] == pytest.approx(margin, rel=1e-5)
+
+
+def test_heldout_reads_the_reproductions_run_names() -> None:
+    """parse_name inverts _reproduce.run_name; other folder names are not runs."""
+    from benchmarks import _reproduce, heldout
+    for loss, variant, seed, alpha in [("clip", "none", 3, None), ("sogclr", "glofnd-quantile", 12, 0.02),
+                                       ("clip", "fnd", 0, 0.003), ("clip", "oracle", 1, None)]:
+        got = heldout.parse_name(_reproduce.run_name(loss, variant, seed, alpha))
+        assert got == {"loss": loss, "variant": variant, "alpha": alpha, "seed": seed}
+    assert heldout.parse_name("demo-20261205") is None and heldout.parse_name("none-20261205-224414") is None

