@@ -210,7 +210,10 @@ def plan(ns: argparse.Namespace) -> list[tuple[str, str, int, float | None]]:
 
 def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str, seed: int,
            alpha: float | None = None) -> dict[str, Any]:
-    """One training run (or a finished one found in `logs`), its settings and its numbers."""
+    """One training run (or a finished one found in `logs`), its settings and its numbers. A run is bit-reproducible
+    at the same torch thread count (stored for the runs trained here; None for reused ones): threads split the float
+    sums differently, and the runs part from the first epoch's loss on."""
+    import torch
     from clip_glofnd import cli
     from clip_glofnd.logger import read_jsonl
     name = run_name(loss, variant, seed, alpha)
@@ -223,11 +226,13 @@ def do_run(ns: argparse.Namespace, bed: Bed, logs: Path, loss: str, variant: str
         wall = time.perf_counter() - began
         if code != 0:
             raise RuntimeError(f"run {name} failed with exit code {code}: {shlex.join(['clip-glofnd', *argv])}")
-        found = {"records": read_jsonl(logs / name / "metrics.jsonl"), "wall_s": wall, "reused": False}
+        found = {"records": read_jsonl(logs / name / "metrics.jsonl"), "wall_s": wall, "reused": False,
+                 "torch_threads": torch.get_num_threads()}
     metrics = run_metrics(found["records"], ns.mask_start_epoch)
     return {"loss": loss, "variant": variant, "seed": seed, "alpha": alpha, "name": name,
             "command": shlex.join(["clip-glofnd", *argv]),
             "wall_s": found["wall_s"], "reused": found.get("reused", True), "loadavg_1min_after": os.getloadavg()[0],
+            "torch_threads": found.get("torch_threads"),     # the float sums' order: same threads, same bits
             **metrics}
 
 

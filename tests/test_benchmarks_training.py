@@ -232,6 +232,8 @@ def test_reproduce_digits_minilm_quick(tmp_path: Path) -> None:
     assert [(run["variant"], run["steps"]) for run in r["runs"]] == [("none", 2), ("glofnd-quantile", 2)]
     assert r["runs"][1]["filtered_frac"] > 0 and r["runs"][1]["fn"]["present"] > 0
     assert r["runs"][0]["r1_t2i"] is None and r["settings"]["retrieval"] is False         # quick: zero-shot only
+    import torch
+    assert [run["torch_threads"] for run in r["runs"]] == [torch.get_num_threads()] * 2     # trained here, --jobs 1
     assert [t["variant"] for t in r["targets"]] == ["glofnd-quantile"] and len(r["plots"]) == 3
     # benchmarks.heldout re-evaluates the runs' last checkpoints: acc1 equal to the trainer's, paired by seed
     from benchmarks import heldout
