@@ -73,7 +73,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="α of fnd and GloFND; several values sweep it (every α-reading filter runs at each α, no "
                         "filter and the oracle once per seed)")
     p.add_argument("--fnd-lr", type=float, help="Adam step of λ")
-    p.add_argument("--mask-start-epoch", type=int, help="every filter masks from this epoch on (0-based)")
+    p.add_argument("--mask-start-epoch", type=int,
+                   help="every filter masks from this epoch on (0-based); = --epochs: never (a null control: the "
+                        "filter's code path, nothing removed)")
     p.add_argument("--losses", nargs="+", choices=LOSSES, help=f"default: {' '.join(LOSSES)}")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(VARIANTS)}")
     p.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=None,
@@ -96,8 +98,8 @@ def apply_preset(ns: argparse.Namespace, presets: dict[str, dict[str, Any]], p: 
         p.error("--epochs, --batch-size and --jobs must be >= 1; --seeds needs at least one value")
     if not all(0 < a < 1 for a in ns.alphas):
         p.error(f"--alphas must lie in (0, 1); got {' '.join(map(str, ns.alphas))}")
-    if not 0 <= ns.mask_start_epoch < ns.epochs:
-        p.error(f"--mask-start-epoch must be in [0, --epochs); got {ns.mask_start_epoch}")
+    if not 0 <= ns.mask_start_epoch <= ns.epochs:
+        p.error(f"--mask-start-epoch must be in [0, --epochs]; got {ns.mask_start_epoch}")
 
 
 # --------------------------------------------------------------------------------------------------------- runs

@@ -16,7 +16,9 @@ the 8 × 8 source digit — drops acc1 from 96–98% to 80–87%.)
     python -m benchmarks.heldout --runs-dir <folder> [<folder> ...] --data <bed folder> --output <json>
 
 Reads every run folder holding config.yaml, metrics.jsonl and checkpoints/epoch_latest.pt (names as the
-reproductions write them: <loss>-<variant>[-a<α>]-s<seed>); --match narrows them by a glob on the folder name.
+reproductions write them: <loss>-<variant>[-a<α>]-s<seed>) under the --runs-dir folders; --match narrows them by a
+glob on the folder name. A run whose filter never masks (reproductions' --mask-start-epoch = --epochs) is labelled
+`-nomask` and paired like the others: a null control for the filter's code path.
 """
 from __future__ import annotations
 
@@ -89,7 +91,9 @@ def evaluate_run(run_dir: Path, classes: Path) -> dict[str, Any]:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if any(k.startswith("zeroshot/") for k in r)]
     trainer_acc1 = next((v for k, v in evals[-1].items() if k.endswith("/acc1")), None) if evals else None
     return {**logit_metrics(torch.cat(logits), torch.cat(labels)), "trainer_acc1": trainer_acc1,
-            "epochs": config["epochs"]}
+            "epochs": config["epochs"], "never_masks": config["fnd"] != "none" and
+            (config["fnd_mask_start_epoch"] if config["fnd_mask_start_epoch"] is not None else config["fnd_start_epoch"])
+            >= config["epochs"]}
 
 
 def paired(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
@@ -105,7 +109,10 @@ def paired(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
 
 
 def label(run: dict[str, Any]) -> str:
-    return f"{run['loss']}-{run['variant']}" + (f"-a{run['alpha']:g}" if run["alpha"] is not None else "")
+    """The filter a run stands for: loss, variant, α; `-nomask` for a filter that never masks (its masking epoch at or
+    past the last: a null control, the filter's code path with nothing removed)."""
+    return (f"{run['loss']}-{run['variant']}" + (f"-a{run['alpha']:g}" if run["alpha"] is not None else "") +
+            ("-nomask" if run["never_masks"] else ""))
 
 
 def table(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, Any]]]) -> str:

@@ -256,3 +256,11 @@ def test_heldout_reads_the_reproductions_run_names() -> None:
         got = heldout.parse_name(_reproduce.run_name(loss, variant, seed, alpha))
         assert got == {"loss": loss, "variant": variant, "alpha": alpha, "seed": seed}
     assert heldout.parse_name("demo-20261205") is None and heldout.parse_name("none-20261205-224414") is None
+
+
+def test_heldout_labels_a_filter_that_never_masks_as_a_null_control() -> None:
+    from benchmarks import heldout
+    run = {"loss": "clip", "variant": "glofnd-one", "alpha": 0.02, "never_masks": False}
+    assert heldout.label(run) == "clip-glofnd-one-a0.02"
+    assert heldout.label({**run, "never_masks": True}) == "clip-glofnd-one-a0.02-nomask"
+    assert heldout.label({"loss": "sogclr", "variant": "none", "alpha": None, "never_masks": False}) == "sogclr-none"
