@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="folders of finished reproduction runs (their --runs-dir)")
     p.add_argument("--data", type=Path, required=True, help="the bed's folder (make-digits-minilm): wds/digits_cls")
     p.add_argument("--match", default="*", help="glob on run folder names (default: every run)")
+    p.add_argument("--against", nargs="+", default=[], metavar="LABEL",
+                   help="also pair every filter against these filters' runs, by label as the table prints it "
+                        "(e.g. clip-fnd-a0.05), beside no filter")
     p.add_argument("--output", type=Path, default=_common.RESULTS_DIR / "heldout.json", help="JSON result")
     return p.parse_args(argv)
 
@@ -96,14 +99,15 @@ def evaluate_run(run_dir: Path, classes: Path) -> dict[str, Any]:
             >= config["epochs"]}
 
 
-def paired(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
-    """Per filter label (variant and α, per loss and budget), `key` minus no filter's on the same seed, with the mean
-    and its 95% t interval."""
+def paired(runs: list[dict[str, Any]], key: str, baseline: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per filter label (variant and α, per loss and budget), `key` minus the baseline's (no filter of that loss by
+    default, else the runs labelled `baseline`) on the same seed, with the mean and its 95% t interval."""
     from clip_glofnd.compare import paired_differences
     out = {}
     for loss, epochs in sorted({(r["loss"], r["epochs"]) for r in runs}):
         mine = [r for r in runs if r["loss"] == loss and r["epochs"] == epochs]
-        for label, pairs in paired_differences(mine, key=key, group="label", baseline=f"{loss}-none").items():
+        base = baseline or f"{loss}-none"
+        for label, pairs in paired_differences(mine, key=key, group="label", baseline=base).items():
             out[f"{label} ({epochs} ep)"] = pairs
     return out
 
@@ -115,13 +119,13 @@ def label(run: dict[str, Any]) -> str:
             ("-nomask" if run["never_masks"] else ""))
 
 
-def table(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+def table(summary: dict[str, dict[str, dict[str, Any]]], baseline: str = "none") -> str:
     """One line per filter: n seeds and, per measure, the paired mean [95% interval] in points."""
     def cell(p: dict[str, Any]) -> str:
         ci = "" if p["ci"] is None else f" [{100 * p['ci'][0]:+.2f}, {100 * p['ci'][1]:+.2f}]"
         return f"{100 * p['mean']:+.2f}{ci}"
     names = sorted(summary["acc1"])
-    lines = [f"{'filter − none, paired (points)':40s}  n   " + "   ".join(f"{m:26s}" for m in METRICS)]
+    lines = [f"{'filter − ' + baseline + ', paired (points)':40s}  n   " + "   ".join(f"{m:26s}" for m in METRICS)]
     for name in names:
         lines.append(f"{name:40s}  {summary['acc1'][name]['n']:<3d} " +
                      "   ".join(f"{cell(summary[m][name]):26s}" for m in METRICS))
@@ -150,12 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"p(true) {run['true_prob']:.4f} margin {run['margin']:.4f}", flush=True)
     mismatched = [r["name"] for r in runs if r["trainer_acc1"] is None or abs(r["acc1"] - r["trainer_acc1"]) > 1e-9]
     summary = {m: paired(runs, m) for m in METRICS}
+    against = {base: {m: paired(runs, m, base) for m in METRICS} for base in ns.against}
     result = {"benchmark": "heldout", "command": _common.command_line("benchmarks.heldout", argv),
               "machine": _common.finish_info(machine), "wall_s": time.perf_counter() - began,
               "settings": {"data": str(classes), "match": ns.match},
-              "acc1_matches_trainer": not mismatched, "mismatched": mismatched, "summary": summary, "runs": runs}
+              "acc1_matches_trainer": not mismatched, "mismatched": mismatched, "summary": summary, "against": against, "runs": runs}
     _common.write_json(ns.output, result)
-    print(table(runs, summary))
+    print(table(summary))
+    for base, mine in against.items():
+        print(table(mine, base) if mine["acc1"] else f"no runs labelled {base} to pair against")
     print(f"acc1 of the whole image equals the trainer's logged acc1 for {len(runs) - len(mismatched)}/{len(runs)} "
           f"runs{'' if not mismatched else ': NOT for ' + ', '.join(mismatched)}")
     print(f"wall {result['wall_s']:.0f} s   wrote {ns.output}")
