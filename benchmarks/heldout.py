@@ -17,8 +17,9 @@ the 8 × 8 source digit — drops acc1 from 96–98% to 80–87%.)
 
 Reads every run folder holding config.yaml, metrics.jsonl and checkpoints/epoch_latest.pt (names as the
 reproductions write them: <loss>-<variant>[-a<α>]-s<seed>) under the --runs-dir folders; --match narrows them by a
-glob on the folder name. A run whose filter never masks (reproductions' --mask-start-epoch = --epochs) is labelled
-`-nomask` and paired like the others: a null control for the filter's code path.
+glob on the folder name. Runs are grouped by loss, filter, α and the epoch the filter masks from (labels such as
+clip-fnd-a0.05-from7); a filter that never masks (reproductions' --mask-start-epoch = --epochs) is labelled `-nomask`
+and paired like the others: a null control for the filter's code path.
 """
 from __future__ import annotations
 
@@ -94,9 +95,8 @@ def evaluate_run(run_dir: Path, classes: Path) -> dict[str, Any]:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if any(k.startswith("zeroshot/") for k in r)]
     trainer_acc1 = next((v for k, v in evals[-1].items() if k.endswith("/acc1")), None) if evals else None
     return {**logit_metrics(torch.cat(logits), torch.cat(labels)), "trainer_acc1": trainer_acc1,
-            "epochs": config["epochs"], "never_masks": config["fnd"] != "none" and
-            (config["fnd_mask_start_epoch"] if config["fnd_mask_start_epoch"] is not None else config["fnd_start_epoch"])
-            >= config["epochs"]}
+            "epochs": config["epochs"], "mask_start_epoch": None if config["fnd"] == "none" else
+            config["fnd_start_epoch"] if config["fnd_mask_start_epoch"] is None else config["fnd_mask_start_epoch"]}
 
 
 def paired(runs: list[dict[str, Any]], key: str, baseline: str | None = None) -> dict[str, dict[str, Any]]:
@@ -113,10 +113,12 @@ def paired(runs: list[dict[str, Any]], key: str, baseline: str | None = None) ->
 
 
 def label(run: dict[str, Any]) -> str:
-    """The filter a run stands for: loss, variant, α; `-nomask` for a filter that never masks (its masking epoch at or
-    past the last: a null control, the filter's code path with nothing removed)."""
-    return (f"{run['loss']}-{run['variant']}" + (f"-a{run['alpha']:g}" if run["alpha"] is not None else "") +
-            ("-nomask" if run["never_masks"] else ""))
+    """The filter a run stands for: loss, variant, α, and for a filter the epoch it masks from (`-from7`: 1-based) or
+    `-nomask` if it never masks (its masking epoch at or past the last: a null control, the filter's code path with
+    nothing removed)."""
+    start = run["mask_start_epoch"]
+    when = "" if start is None else "-nomask" if start >= run["epochs"] else f"-from{start + 1}"
+    return f"{run['loss']}-{run['variant']}" + (f"-a{run['alpha']:g}" if run["alpha"] is not None else "") + when
 
 
 def table(summary: dict[str, dict[str, dict[str, Any]]], baseline: str = "none") -> str:

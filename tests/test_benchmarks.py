@@ -260,7 +260,8 @@ def test_heldout_reads_the_reproductions_run_names() -> None:
 
 def test_heldout_labels_a_filter_that_never_masks_as_a_null_control() -> None:
     from benchmarks import heldout
-    run = {"loss": "clip", "variant": "glofnd-one", "alpha": 0.02, "never_masks": False}
-    assert heldout.label(run) == "clip-glofnd-one-a0.02"
-    assert heldout.label({**run, "never_masks": True}) == "clip-glofnd-one-a0.02-nomask"
-    assert heldout.label({"loss": "sogclr", "variant": "none", "alpha": None, "never_masks": False}) == "sogclr-none"
+    run = {"loss": "clip", "variant": "glofnd-one", "alpha": 0.02, "mask_start_epoch": 1, "epochs": 12}
+    assert heldout.label(run) == "clip-glofnd-one-a0.02-from2"
+    assert heldout.label({**run, "mask_start_epoch": 12}) == "clip-glofnd-one-a0.02-nomask"
+    assert heldout.label({"loss": "sogclr", "variant": "none", "alpha": None, "mask_start_epoch": None,
+                          "epochs": 12}) == "sogclr-none"

@@ -239,15 +239,16 @@ def test_reproduce_digits_minilm_quick(tmp_path: Path) -> None:
     from benchmarks import heldout
     held = tmp_path / "heldout.json"
     assert heldout.main(["--runs-dir", str(runs), "--data", str(bed), "--output", str(held), "--against",
-                         "clip-glofnd-quantile-a0.1"]) == 0
+                         "clip-glofnd-quantile-a0.1-from1"]) == 0
     h = json.loads(held.read_text())
     assert h["acc1_matches_trainer"] and [run["name"] for run in h["runs"]] == [
         "clip-glofnd-quantile-a0.1-s0", "clip-none-s0"]
     assert {run["name"]: run["acc1"] for run in h["runs"]} == {run["name"]: run["zeroshot_acc1"] for run in r["runs"]}
-    diff = h["summary"]["true_prob"]["clip-glofnd-quantile-a0.1 (1 ep)"]
+    diff = h["summary"]["true_prob"]["clip-glofnd-quantile-a0.1-from1 (1 ep)"]
     assert diff["seeds"] == [0] and diff["diffs"][0] == pytest.approx(h["runs"][0]["true_prob"] -
                                                                       h["runs"][1]["true_prob"])
-    assert h["against"]["clip-glofnd-quantile-a0.1"]["true_prob"]["clip-none (1 ep)"]["diffs"] == [-diff["diffs"][0]]
+    against = h["against"]["clip-glofnd-quantile-a0.1-from1"]["true_prob"]["clip-none (1 ep)"]
+    assert against["diffs"] == [-diff["diffs"][0]]
 
 
 def test_each_glofnd_start_learns_from_its_epoch() -> None:
