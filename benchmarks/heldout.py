@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"benchmark": "heldout", "command": _common.command_line("benchmarks.heldout", argv),
               "machine": _common.finish_info(machine), "wall_s": time.perf_counter() - began,
               "settings": {"data": str(classes), "match": ns.match},
-              "acc1_matches_trainer": not mismatched, "mismatched": mismatched, "summary": summary, "against": against, "runs": runs}
+              "acc1_matches_trainer": not mismatched, "mismatched": mismatched, "summary": summary, "against": against,
+              "runs": runs}
     _common.write_json(ns.output, result)
     print(table(summary))
     for base, mine in against.items():
